@@ -1,0 +1,323 @@
+"""The contract: every relation, column and type pg2cio reads or writes is declared here, once.
+
+DDL, Pandera schemas, extract queries, the source check and the README tables all derive from
+these declarations; nothing else in the project spells a source column name or type.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from psycopg import sql
+
+# Kinds a source column can have, and the PostgreSQL data types (as information_schema spells
+# them) that a store's own table or view may use for each.
+ACCEPTED_TYPES: dict[str, frozenset[str]] = {
+    "text": frozenset({"text", "character varying", "character"}),
+    "integer": frozenset({"integer", "smallint", "bigint"}),
+    "money": frozenset({"numeric"}),
+    "boolean": frozenset({"boolean"}),
+    "timestamp": frozenset({"timestamp with time zone"}),
+}
+
+# How a store can fix each kind when its view has the wrong type.
+TYPE_HINTS: dict[str, str] = {
+    "text": "cast it with ::text",
+    "integer": "cast it with ::integer",
+    "money": "cast it with ::numeric(12,2)",
+    "boolean": "cast it with ::boolean",
+    "timestamp": "use timestamptz (a timestamp without time zone is ambiguous: convert it with AT TIME ZONE '<store tz>')",
+}
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    pg_type: str  # the type in the contract DDL
+    kind: str  # one of ACCEPTED_TYPES
+    nullable: bool = True
+    references: str | None = None  # "relation" or "relation(column)" for the DDL's foreign key
+    isin: tuple[str, ...] | None = None  # allowed values, checked by the extract schema
+    ge: float | None = None  # lower bound, checked by the extract schema
+    pattern: str | None = None  # regex the value must match in full
+    doc: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ACCEPTED_TYPES:
+            raise ValueError(f"column {self.name}: unknown kind {self.kind!r}")
+
+
+@dataclass(frozen=True)
+class ParentLink:
+    """A child relation (items) travels with its parent: it is extracted in the parent's window."""
+
+    relation: str
+    columns: tuple[str, ...]  # join columns, same name in child and parent
+
+
+@dataclass(frozen=True)
+class Relation:
+    name: str
+    columns: tuple[Column, ...]
+    primary_key: tuple[str, ...]
+    # The timestamp column that places a row in a daily partition: the relation's own
+    # updated_at / immutable *_at, or its parent's (see `parent`).
+    partition_column: str
+    parent: ParentLink | None = None
+    doc: str = ""
+    indexes: tuple[tuple[str, ...], ...] = field(default=())
+
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.columns)
+
+    def column(self, name: str) -> Column:
+        for c in self.columns:
+            if c.name == name:
+                return c
+        raise KeyError(f"relation {self.name} has no column {name!r} in the contract")
+
+    @property
+    def replace_key(self) -> tuple[str, ...]:
+        """Columns whose values identify the rows a newer extract supersedes.
+
+        A parent row that changed moves to a later partition, so the newer extract replaces
+        the older copy by primary key. Items are replaced as a whole set per parent, so a
+        line removed from a cart disappears too. A relation without a key (an append-only
+        log) is replaced by window only.
+        """
+        if self.parent is not None:
+            return self.parent.columns
+        return self.primary_key
+
+
+def _c(name: str, pg_type: str, kind: str, nullable: bool = True, **kw) -> Column:
+    return Column(name=name, pg_type=pg_type, kind=kind, nullable=nullable, **kw)
+
+
+CURRENCY = r"[A-Z]{3}"
+
+SOURCE_RELATIONS: tuple[Relation, ...] = (
+    Relation(
+        name="customers",
+        doc="One row per registered account; customer_id is the person key everywhere downstream.",
+        columns=(
+            _c("customer_id", "text", "text", False),
+            _c("email", "text", "text", doc="current email; may be NULL, mixed case, padded"),
+            _c("phone", "text", "text"),
+            _c("first_name", "text", "text"),
+            _c("last_name", "text", "text"),
+            _c("email_consent", "boolean NOT NULL DEFAULT false", "boolean", False),
+            _c("sms_consent", "boolean NOT NULL DEFAULT false", "boolean", False),
+            _c("created_at", "timestamptz", "timestamp", False),
+            _c("updated_at", "timestamptz", "timestamp", False),
+            _c("deleted_at", "timestamptz", "timestamp", doc="erasure request"),
+        ),
+        primary_key=("customer_id",),
+        partition_column="updated_at",
+        indexes=(("updated_at",),),
+    ),
+    Relation(
+        name="customer_email_changes",
+        doc="Every email change of an account, so orders under an old email still resolve.",
+        columns=(
+            _c("customer_id", "text", "text", False, references="customers"),
+            _c("old_email", "text", "text"),
+            _c("new_email", "text", "text"),
+            _c("changed_at", "timestamptz", "timestamp", False),
+        ),
+        primary_key=(),
+        partition_column="changed_at",
+        indexes=(("changed_at",),),
+    ),
+    Relation(
+        name="products",
+        doc="The catalogue.",
+        columns=(
+            _c("sku", "text", "text", False),
+            _c("title", "text", "text", False),
+            _c("category", "text", "text", False),
+            _c("price", "numeric(12,2)", "money", False, ge=0),
+            _c("updated_at", "timestamptz", "timestamp", False),
+        ),
+        primary_key=("sku",),
+        partition_column="updated_at",
+        indexes=(("updated_at",),),
+    ),
+    Relation(
+        name="carts",
+        doc="A cart; checkout_started_at is set when the shopper reaches checkout.",
+        columns=(
+            _c("cart_id", "text", "text", False),
+            _c("customer_id", "text", "text", references="customers", doc="NULL for guests"),
+            _c("email", "text", "text", doc="captured at checkout, if any"),
+            _c("currency", "char(3)", "text", False, pattern=CURRENCY),
+            _c("created_at", "timestamptz", "timestamp", False),
+            _c("updated_at", "timestamptz", "timestamp", False),
+            _c("checkout_started_at", "timestamptz", "timestamp"),
+        ),
+        primary_key=("cart_id",),
+        partition_column="updated_at",
+        indexes=(("updated_at",),),
+    ),
+    Relation(
+        name="cart_items",
+        doc="Lines of a cart; they travel with their cart (a change bumps carts.updated_at).",
+        columns=(
+            _c("cart_id", "text", "text", False, references="carts"),
+            _c("sku", "text", "text", False, references="products"),
+            _c("quantity", "integer", "integer", False, ge=1),
+            _c("unit_price", "numeric(12,2)", "money", False, ge=0),
+        ),
+        primary_key=("cart_id", "sku"),
+        partition_column="updated_at",
+        parent=ParentLink("carts", ("cart_id",)),
+    ),
+    Relation(
+        name="orders",
+        doc="An order; paid_at is the single moment the store counts as paid (after capture).",
+        columns=(
+            _c("order_id", "text", "text", False),
+            _c("cart_id", "text", "text", references="carts"),
+            _c("customer_id", "text", "text", references="customers", doc="NULL for guest checkout"),
+            _c("email", "text", "text", doc="the email typed at checkout"),
+            _c("currency", "char(3)", "text", False, pattern=CURRENCY),
+            _c("subtotal", "numeric(12,2)", "money", False, ge=0),
+            _c("discount_code", "text", "text"),
+            _c("discount_total", "numeric(12,2) NOT NULL DEFAULT 0", "money", False, ge=0),
+            _c("order_total", "numeric(12,2)", "money", False, ge=0),
+            _c("created_at", "timestamptz", "timestamp", False),
+            _c("paid_at", "timestamptz", "timestamp"),
+            _c("fulfilled_at", "timestamptz", "timestamp"),
+            _c("canceled_at", "timestamptz", "timestamp"),
+            _c("updated_at", "timestamptz", "timestamp", False),
+        ),
+        primary_key=("order_id",),
+        partition_column="updated_at",
+        indexes=(("updated_at",), ("customer_id",), ("cart_id",)),
+    ),
+    Relation(
+        name="order_items",
+        doc="Lines of an order, with the title and category as sold; they travel with their order.",
+        columns=(
+            _c("order_id", "text", "text", False, references="orders"),
+            _c("line_no", "integer", "integer", False, ge=1),
+            _c("sku", "text", "text", False),
+            _c("title", "text", "text", False),
+            _c("category", "text", "text", False),
+            _c("quantity", "integer", "integer", False, ge=1),
+            _c("unit_price", "numeric(12,2)", "money", False, ge=0),
+        ),
+        primary_key=("order_id", "line_no"),
+        partition_column="updated_at",
+        parent=ParentLink("orders", ("order_id",)),
+    ),
+    Relation(
+        name="refunds",
+        doc="Money returned on an order; refunded_at never changes.",
+        columns=(
+            _c("refund_id", "text", "text", False),
+            _c("order_id", "text", "text", False, references="orders"),
+            _c("amount", "numeric(12,2)", "money", False, ge=0),
+            _c("refunded_at", "timestamptz", "timestamp", False),
+        ),
+        primary_key=("refund_id",),
+        partition_column="refunded_at",
+        indexes=(("refunded_at",), ("order_id",)),
+    ),
+    Relation(
+        name="subscriptions",
+        doc="A replenishment subscription of one SKU.",
+        columns=(
+            _c("subscription_id", "text", "text", False),
+            _c("customer_id", "text", "text", False, references="customers"),
+            _c("sku", "text", "text", False),
+            _c("interval_days", "integer", "integer", False, ge=1),
+            _c("status", "text", "text", False, isin=("active", "canceled", "paused")),
+            _c("created_at", "timestamptz", "timestamp", False),
+            _c("canceled_at", "timestamptz", "timestamp"),
+            _c("updated_at", "timestamptz", "timestamp", False),
+        ),
+        primary_key=("subscription_id",),
+        partition_column="updated_at",
+        indexes=(("updated_at",),),
+    ),
+    Relation(
+        name="subscription_renewals",
+        doc="One row per renewal of a subscription, with the order it created.",
+        columns=(
+            _c("renewal_id", "text", "text", False),
+            _c("subscription_id", "text", "text", False, references="subscriptions"),
+            _c("order_id", "text", "text", references="orders"),
+            _c("renewed_at", "timestamptz", "timestamp", False),
+        ),
+        primary_key=("renewal_id",),
+        partition_column="renewed_at",
+        indexes=(("renewed_at",),),
+    ),
+)
+
+RELATIONS_BY_NAME: dict[str, Relation] = {r.name: r for r in SOURCE_RELATIONS}
+
+
+def relation(name: str) -> Relation:
+    try:
+        return RELATIONS_BY_NAME[name]
+    except KeyError:
+        raise KeyError(
+            f"{name!r} is not a contract relation; the contract has: {', '.join(RELATIONS_BY_NAME)}"
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# DDL for the contract (the demo store and tests create it; a real store exposes views instead)
+# ---------------------------------------------------------------------------------------------
+
+
+def _column_ddl(col: Column) -> sql.Composable:
+    not_null = "" if col.nullable or "NOT NULL" in col.pg_type else " NOT NULL"
+    return sql.SQL("{} {}").format(sql.Identifier(col.name), sql.SQL(col.pg_type + not_null))
+
+
+def create_table_sql(schema: str, rel: Relation) -> sql.Composed:
+    """CREATE TABLE without keys: loading first and adding keys after is much faster."""
+    return sql.SQL("CREATE TABLE {} ({})").format(
+        sql.Identifier(schema, rel.name), sql.SQL(", ").join(_column_ddl(c) for c in rel.columns)
+    )
+
+
+def constraint_sql(schema: str, rel: Relation) -> list[sql.Composed]:
+    """Primary key, foreign keys and extract indexes of one relation, as in source_contract.sql."""
+    out: list[sql.Composed] = []
+    table = sql.Identifier(schema, rel.name)
+    if rel.primary_key:
+        out.append(
+            sql.SQL("ALTER TABLE {} ADD PRIMARY KEY ({})").format(
+                table, sql.SQL(", ").join(map(sql.Identifier, rel.primary_key))
+            )
+        )
+    for col in rel.columns:
+        if col.references:
+            target = RELATIONS_BY_NAME[col.references]
+            out.append(
+                sql.SQL("ALTER TABLE {} ADD FOREIGN KEY ({}) REFERENCES {} ({})").format(
+                    table,
+                    sql.Identifier(col.name),
+                    sql.Identifier(schema, target.name),
+                    sql.SQL(", ").join(map(sql.Identifier, target.primary_key)),
+                )
+            )
+    for cols in rel.indexes:
+        out.append(
+            sql.SQL("CREATE INDEX ON {} ({})").format(table, sql.SQL(", ").join(map(sql.Identifier, cols)))
+        )
+    return out
+
+
+def contract_ddl(schema: str = "commerce") -> list[sql.Composed]:
+    """Every statement that creates the contract schema with keys, in dependency order."""
+    stmts: list[sql.Composed] = [sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema))]
+    stmts += [create_table_sql(schema, r) for r in SOURCE_RELATIONS]
+    for r in SOURCE_RELATIONS:
+        stmts += constraint_sql(schema, r)
+    return stmts

@@ -26,7 +26,7 @@ TYPE_HINTS: dict[str, str] = {
     "integer": "cast it with ::integer",
     "money": "cast it with ::numeric(12,2)",
     "boolean": "cast it with ::boolean",
-    "timestamp": "use timestamptz (a timestamp without time zone is ambiguous: convert it with AT TIME ZONE '<store tz>')",
+    "timestamp": "cast it with ::timestamptz (a timestamp without time zone is ambiguous: convert it with AT TIME ZONE '<store tz>')",
 }
 
 

@@ -229,7 +229,8 @@ def generate_store(customers: int, seed: int, as_of: datetime) -> Store:
     created = np.where(
         last_ago >= 0,
         first_t - rng.integers(DAY, 60 * DAY, n),
-        t0 - 365 * DAY + rng.integers(0, (HISTORY_DAYS + 364) * DAY, n),
+        # accounts that never bought signed up during the history (or up to 60 days before it)
+        t0 - 60 * DAY + rng.integers(0, (HISTORY_DAYS + 59) * DAY, n),
     )
     # Registered-later accounts: created after their guest orders (which sit just before).
     created[g_registered] = first_t[g_registered] - rng.integers(600, 3 * DAY, len(g_registered))

@@ -1,0 +1,104 @@
+"""Configuration: the environment variables pg2cio reads, their defaults, and the errors for bad values.
+
+Secrets (database URLs, Customer.io keys) are read when a run needs them, never at import,
+and never appear in messages: `redact_url` hides passwords in anything we print.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from datetime import date
+from typing import Mapping
+from urllib.parse import urlsplit, urlunsplit
+
+SOURCE_URL = "PG2CIO_SOURCE_URL"
+SOURCE_SCHEMA = "PG2CIO_SOURCE_SCHEMA"
+STATE_URL = "PG2CIO_STATE_URL"
+STATE_SCHEMA = "PG2CIO_STATE_SCHEMA"
+PARTITION_START = "PG2CIO_PARTITION_START"
+DRY_RUN = "PG2CIO_DRY_RUN"
+
+DEFAULT_SOURCE_SCHEMA = "commerce"
+DEFAULT_STATE_SCHEMA = "pg2cio"
+DEFAULT_PARTITION_START = "2024-01-01"
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or malformed; the message says which and how to fix it."""
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password (and any password= parameter) replaced by ***."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}:***@{host}" if ":" in userinfo else f"{user}@{host}"
+    query = re.sub(r"(?i)(password=)[^&]*", r"\1***", parts.query)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def check_identifier(value: str, variable: str) -> str:
+    """Schema names come from configuration; refuse anything that is not a plain identifier."""
+    if not _IDENTIFIER.match(value):
+        raise ConfigError(
+            f"{variable}={value!r} is not a valid schema name: use letters, digits and underscores, "
+            "starting with a letter or underscore, at most 63 characters"
+        )
+    return value
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigError(f"{name}={raw!r} is not a boolean: use 1/0, true/false, yes/no or on/off")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The non-secret configuration, read once when the code location loads."""
+
+    source_schema: str = DEFAULT_SOURCE_SCHEMA
+    state_schema: str = DEFAULT_STATE_SCHEMA
+    partition_start: str = DEFAULT_PARTITION_START
+    dry_run: bool = False
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        start = env.get(PARTITION_START, "").strip() or DEFAULT_PARTITION_START
+        try:
+            date.fromisoformat(start)
+        except ValueError:
+            raise ConfigError(f"{PARTITION_START}={start!r} is not a date: use YYYY-MM-DD") from None
+        return cls(
+            source_schema=check_identifier(env.get(SOURCE_SCHEMA, "").strip() or DEFAULT_SOURCE_SCHEMA, SOURCE_SCHEMA),
+            state_schema=check_identifier(env.get(STATE_SCHEMA, "").strip() or DEFAULT_STATE_SCHEMA, STATE_SCHEMA),
+            partition_start=start,
+            dry_run=_flag(env, DRY_RUN),
+        )
+
+
+def resolve_url(primary: str, fallback: str | None = None, env: Mapping[str, str] | None = None) -> str:
+    """The database URL from `primary`, else `fallback`; a clear error when neither is set."""
+    env = os.environ if env is None else env
+    for name in (primary, fallback):
+        if name and env.get(name, "").strip():
+            return env[name].strip()
+    names = primary + (f" (or {fallback})" if fallback else "")
+    raise ConfigError(
+        f"{names} is not set. Point it at a PostgreSQL database, e.g. "
+        f"{primary}=postgresql://user:password@host:5432/dbname, or run `pg2cio demo`, "
+        "which starts an embedded Postgres with a seeded store and sets it for you."
+    )

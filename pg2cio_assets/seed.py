@@ -56,17 +56,17 @@ class EdgeCasePlan:
     """How many of each hard case a store of `customers` accounts contains. Exact, not approximate."""
 
     customers: int
-    guest_people: int  # guests who never register: 1-3 guest orders under their email
-    registered_later: int  # guest orders first, then an account with the same email
-    email_changed: int  # guest orders under the old email, then an email change
-    case_variant_emails: int  # guest orders whose email differs from the account's only in case/spaces
-    shared_email_pairs: int  # two accounts holding one email
-    unattributable_orders: int  # neither customer_id nor email
-    quick_checkouts: int  # checkout started, then paid exactly QUICK_CHECKOUT_SECONDS later
-    lapsed_61d: int  # last paid order exactly 61 days before as_of
-    active_59d: int  # last paid order exactly 59 days before as_of
-    erased_customers: int  # deleted_at set
-    foreign_currency_orders: int  # orders in EUR (the store currency is USD)
+    guest_people: int = field(metadata={"doc": "guests who never register: 1-3 guest orders under their own email"})
+    registered_later: int = field(metadata={"doc": "guest orders first, then an account with the same email (half typed in another case)"})
+    email_changed: int = field(metadata={"doc": "orders under an old email, then an email change recorded in customer_email_changes"})
+    case_variant_emails: int = field(metadata={"doc": "guest orders whose email differs from the account's only in case and surrounding spaces"})
+    shared_email_pairs: int = field(metadata={"doc": "pairs of accounts holding one email"})
+    unattributable_orders: int = field(metadata={"doc": "orders with neither customer_id nor email"})
+    quick_checkouts: int = field(metadata={"doc": f"checkouts paid exactly {QUICK_CHECKOUT_SECONDS // 60} minutes after checkout_started_at (the recovery stop case)"})
+    lapsed_61d: int = field(metadata={"doc": "accounts whose last paid order is exactly 61 days before as-of"})
+    active_59d: int = field(metadata={"doc": "accounts whose last paid order is exactly 59 days before as-of"})
+    erased_customers: int = field(metadata={"doc": "accounts with an erasure request (deleted_at)"})
+    foreign_currency_orders: int = field(metadata={"doc": f"orders in {FOREIGN_CURRENCY} (the store currency is {STORE_CURRENCY})"})
 
     @classmethod
     def for_customers(cls, n: int) -> EdgeCasePlan:

@@ -24,6 +24,19 @@ DEFAULT_SOURCE_SCHEMA = "commerce"
 DEFAULT_STATE_SCHEMA = "pg2cio"
 DEFAULT_PARTITION_START = "2024-01-01"
 
+# Every variable pg2cio reads: (name, meaning, default). The README's table is generated from it.
+VARIABLES: tuple[tuple[str, str, str], ...] = (
+    (SOURCE_URL, "the commerce Postgres (read only: pg2cio never writes to it)", "none (the demo starts an embedded one)"),
+    (SOURCE_SCHEMA, "schema holding the contract relations", DEFAULT_SOURCE_SCHEMA),
+    (STATE_URL, "where pg2cio keeps its tables (extracts, later the ledger)", SOURCE_URL),
+    (STATE_SCHEMA, "schema for pg2cio's tables in the state database", DEFAULT_STATE_SCHEMA),
+    (PARTITION_START, "first daily partition (UTC); rows older than this are never extracted", DEFAULT_PARTITION_START),
+    (DRY_RUN, "build and record payloads, send nothing", "false"),
+    ("PG2CIO_DAGSTER_URL", "Postgres for Dagster's own runs, events and schedules (deploy/dagster.yaml)", "set by the demo"),
+    ("PG2CIO_TEST_URL", "tests use this Postgres instead of starting a throwaway one", "none"),
+    ("PG2CIO_DEMO_HOME", "where `pg2cio demo` keeps its cluster and DAGSTER_HOME", "~/.local/share/pg2cio/demo (root: /var/tmp/pg2cio-demo)"),
+)
+
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
 
 

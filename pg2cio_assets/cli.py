@@ -1,0 +1,226 @@
+"""The `pg2cio` command: seed a demo store, check a store against the contract, run the demo.
+
+    pg2cio seed --customers 2000 --seed 7      # into $PG2CIO_SOURCE_URL
+    pg2cio check-source                        # does $PG2CIO_SOURCE_URL provide the contract?
+    pg2cio demo                                # embedded Postgres + seeded store + Dagster UI
+    pg2cio materialize --days 3                # one run of every asset over the last 3 days
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+from pg2cio_assets import contract, settings
+from pg2cio_assets.pg import ContractError, DatabaseUnavailable, check_source, connect
+from pg2cio_assets.seed import default_as_of, generate_store, load_store, parse_as_of
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO_DATABASE = "pg2cio_demo"
+DAGSTER_DATABASE = "dagster"
+DEMO_CUSTOMERS = 2000
+DEMO_SEED = 7
+
+
+def _say(msg: str) -> None:
+    print(f"[pg2cio] {msg}", flush=True)
+
+
+def seed_store(url: str, schema: str, customers: int, seed: int, as_of, replace: bool, manifest: Path | None) -> None:
+    started = time.perf_counter()
+    store = generate_store(customers, seed=seed, as_of=as_of)
+    _say(f"generated {sum(store.manifest.rows.values()):,} rows for {customers:,} customers "
+         f"(seed {seed}, as of {as_of.isoformat()}) in {time.perf_counter() - started:.1f}s")
+    with connect(url, "source") as conn:
+        load_store(conn, store, schema, replace=replace, progress=_say)
+    if manifest:
+        manifest.write_text(json.dumps(store.manifest.to_dict(), indent=2, default=str))
+        _say(f"manifest (edge cases and their ids) written to {manifest}")
+
+
+def _cmd_seed(args: argparse.Namespace) -> int:
+    url = settings.resolve_url(settings.SOURCE_URL)
+    schema = settings.check_identifier(args.schema, "--schema")
+    as_of = parse_as_of(args.as_of) if args.as_of else default_as_of()
+    seed_store(url, schema, args.customers, args.seed, as_of, args.replace, args.manifest)
+    return 0
+
+
+def _cmd_check_source(args: argparse.Namespace) -> int:
+    cfg = settings.Settings.from_env()
+    url = settings.resolve_url(settings.SOURCE_URL)
+    with connect(url, "source") as conn:
+        check_source(conn, cfg.source_schema, list(contract.SOURCE_RELATIONS))
+    _say(f"{settings.redact_url(url)} schema {cfg.source_schema}: every contract relation and column is present "
+         "with a compatible type")
+    return 0
+
+
+def demo_home() -> Path:
+    """Where the demo keeps its Postgres cluster and Dagster home between runs.
+
+    As root the server runs as an unprivileged account, which must be able to reach the data,
+    so the cluster lives under /var/tmp rather than in root's home."""
+    if os.environ.get("PG2CIO_DEMO_HOME"):
+        return Path(os.environ["PG2CIO_DEMO_HOME"]).expanduser()
+    if os.geteuid() == 0:
+        return Path("/var/tmp/pg2cio-demo")
+    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "pg2cio" / "demo"
+
+
+def _ensure_database(admin_url: str, name: str) -> None:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+
+
+def _schema_exists(url: str, schema: str) -> bool:
+    with psycopg.connect(url) as conn:
+        return conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,)).fetchone() is not None
+
+
+def _interrupt(*_args) -> None:
+    raise KeyboardInterrupt
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from pg2cio_assets.pgembed import EmbeddedPostgres
+
+    # `kill` (SIGTERM) unwinds like Ctrl-C, so the embedded server is stopped, not orphaned.
+    signal.signal(signal.SIGTERM, _interrupt)
+    home = demo_home()
+    home.mkdir(parents=True, exist_ok=True)
+    os.chmod(home, 0o755)  # the server account must be able to reach its data dir below
+    server = EmbeddedPostgres(home / "pgdata", durable=True).start()
+    _say(f"embedded PostgreSQL running on 127.0.0.1:{server.port} (data in {home / 'pgdata'})")
+    try:
+        _ensure_database(server.url(), DEMO_DATABASE)
+        _ensure_database(server.url(), DAGSTER_DATABASE)
+        source_url = server.url(DEMO_DATABASE)
+        if args.reseed or not _schema_exists(source_url, settings.DEFAULT_SOURCE_SCHEMA):
+            seed_store(source_url, settings.DEFAULT_SOURCE_SCHEMA, args.customers, args.seed, default_as_of(),
+                       replace=True, manifest=home / "manifest.json")
+        else:
+            _say("reusing the seeded store from the last demo (pass --reseed to regenerate it)")
+
+        dagster_home = home / "dagster_home"
+        dagster_home.mkdir(exist_ok=True)
+        shutil.copyfile(REPO_ROOT / "deploy" / "dagster.yaml", dagster_home / "dagster.yaml")
+        env = dict(
+            os.environ,
+            PG2CIO_SOURCE_URL=source_url,
+            PG2CIO_DAGSTER_URL=server.url(DAGSTER_DATABASE),
+            DAGSTER_HOME=str(dagster_home),
+        )
+        env.pop("PG2CIO_STATE_URL", None)  # state lives beside the demo store
+        if args.days > 0:
+            _say(f"materializing every asset for the last {args.days} day(s), as one run recorded in the instance")
+            subprocess.run([sys.executable, "-m", "pg2cio_assets.cli", "materialize", "--days", str(args.days)],
+                           env=env, check=True)
+        if args.no_ui:
+            _say("environment ready; --no-ui given, stopping here")
+            return 0
+        _say(f"starting the Dagster webserver and daemon: open http://{args.host}:{args.port}")
+        _say("in the UI: Assets -> select all -> Materialize -> pick the partition range (one run for the whole range)")
+        cmd = [sys.executable, "-m", "dagster", "dev", "-w", str(REPO_ROOT / "workspace.yaml"),
+               "-h", args.host, "-p", str(args.port)]
+        proc = subprocess.Popen(cmd, env=env, cwd=REPO_ROOT)
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            # Dagster (webserver, daemon, code server) goes first: it still needs the database.
+            proc.send_signal(signal.SIGINT)
+            try:
+                return proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                return proc.wait()
+    finally:
+        server.stop()
+        _say("embedded PostgreSQL stopped")
+
+
+def _cmd_materialize(args: argparse.Namespace) -> int:
+    """Materialize every asset over the last N daily partitions (or all), as one run in $DAGSTER_HOME's instance."""
+    import dagster as dg
+
+    from pg2cio_assets.definitions import ASSETS, DAILY, RESOURCES
+
+    keys = DAILY.get_partition_keys()
+    if not args.all:
+        if args.days < 1:
+            raise settings.ConfigError("--days must be at least 1 (or pass --all)")
+        keys = keys[-args.days:]
+    with dg.DagsterInstance.get() as instance:
+        result = dg.materialize(
+            ASSETS,
+            instance=instance,
+            resources=RESOURCES,
+            tags={"dagster/asset_partition_range_start": keys[0], "dagster/asset_partition_range_end": keys[-1]},
+        )
+    counts = {}
+    for event in result.get_asset_materialization_events():
+        meta = event.materialization.metadata
+        if "dagster/row_count" in meta:
+            counts[event.asset_key.to_user_string()] = meta["dagster/row_count"].value
+    for key, rows in sorted(counts.items()):
+        _say(f"  {key}: {rows:,} rows")
+    _say(f"run {result.run_id} {'succeeded' if result.success else 'failed'} over {keys[0]}..{keys[-1]}")
+    return 0 if result.success else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pg2cio", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("seed", help="create the contract schema in $PG2CIO_SOURCE_URL and fill it with a demo store")
+    p.add_argument("--customers", type=int, default=DEMO_CUSTOMERS, help="number of accounts (default %(default)s)")
+    p.add_argument("--seed", type=int, default=DEMO_SEED, help="random seed; same seed, same store (default %(default)s)")
+    p.add_argument("--as-of", help="the store's 'now', ISO-8601 (default: the current hour, UTC)")
+    p.add_argument("--schema", default=settings.DEFAULT_SOURCE_SCHEMA, help="schema to create (default %(default)s)")
+    p.add_argument("--replace", action="store_true", help="drop and recreate the schema if it exists")
+    p.add_argument("--manifest", type=Path, help="write the edge-case manifest (counts and ids) to this JSON file")
+    p.set_defaults(func=_cmd_seed)
+
+    p = sub.add_parser("check-source", help="check that $PG2CIO_SOURCE_URL provides every contract relation and column")
+    p.set_defaults(func=_cmd_check_source)
+
+    p = sub.add_parser("demo", help="embedded Postgres, a seeded store and the Dagster UI, with no set-up")
+    p.add_argument("--customers", type=int, default=DEMO_CUSTOMERS, help="accounts in the demo store (default %(default)s)")
+    p.add_argument("--seed", type=int, default=DEMO_SEED)
+    p.add_argument("--reseed", action="store_true", help="regenerate the demo store")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=3000)
+    p.add_argument("--days", type=int, default=7,
+                   help="materialize the last N days first, so the UI opens on data (0: skip; default %(default)s)")
+    p.add_argument("--no-ui", action="store_true", help="prepare Postgres, the store and the first run, then stop")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("materialize", help="one run of every asset over the last N days, recorded in $DAGSTER_HOME's instance")
+    p.add_argument("--days", type=int, default=1, help="how many daily partitions, ending today (default %(default)s)")
+    p.add_argument("--all", action="store_true", help="every partition since PG2CIO_PARTITION_START")
+    p.set_defaults(func=_cmd_materialize)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (settings.ConfigError, DatabaseUnavailable, ContractError, RuntimeError) as exc:
+        print(f"pg2cio: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

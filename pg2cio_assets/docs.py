@@ -1,0 +1,101 @@
+"""The README's reference tables, generated from the contract, the settings and the demo plan.
+
+    python -m pg2cio_assets.docs          # rewrite the generated blocks of README.md
+    python -m pg2cio_assets.docs --check  # exit 1 if README.md is stale (a test runs this)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import sys
+from pathlib import Path
+
+from pg2cio_assets import contract, settings
+from pg2cio_assets.extract import state_table_name
+from pg2cio_assets.seed import EdgeCasePlan
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+_BLOCK = re.compile(r"(<!-- generated:(?P<name>[a-z_]+) -->\n)(?P<body>.*?)(<!-- /generated:(?P=name) -->)", re.S)
+
+
+def relations_table() -> str:
+    rows = ["| relation | one row per | daily partition by | key | extract table |", "| --- | --- | --- | --- | --- |"]
+    for rel in contract.SOURCE_RELATIONS:
+        placed = f"`{rel.parent.relation}.{rel.partition_column}`" if rel.parent else f"`{rel.partition_column}`"
+        key = ", ".join(rel.primary_key) or "(append-only log)"
+        rows.append(f"| `{rel.name}` | {rel.doc} | {placed} | {key} | `pg2cio.{state_table_name(rel)}` |")
+    return "\n".join(rows) + "\n"
+
+
+def columns_table() -> str:
+    rows = ["| relation | column | type | required | checked |", "| --- | --- | --- | --- | --- |"]
+    for rel in contract.SOURCE_RELATIONS:
+        for c in rel.columns:
+            checks = []
+            if c.isin:
+                checks.append("one of " + ", ".join(c.isin))
+            if c.ge is not None:
+                checks.append(f">= {c.ge:g}")
+            if c.pattern:
+                checks.append(f"matches `{c.pattern}`")
+            if (c.name,) == rel.primary_key or c.name in rel.primary_key:
+                checks.append("unique key" if len(rel.primary_key) == 1 else "part of the key")
+            rows.append(
+                f"| `{rel.name}` | `{c.name}` | {c.pg_type.split(' NOT NULL')[0]} | {'yes' if not c.nullable else ''} | {'; '.join(checks)} |"
+            )
+    return "\n".join(rows) + "\n"
+
+
+def config_table() -> str:
+    rows = ["| variable | meaning | default |", "| --- | --- | --- |"]
+    rows += [f"| `{name}` | {meaning} | {default} |" for name, meaning, default in settings.VARIABLES]
+    return "\n".join(rows) + "\n"
+
+
+def edge_cases_table() -> str:
+    small, large = EdgeCasePlan.for_customers(2000), EdgeCasePlan.for_customers(100_000)
+    rows = ["| case | what it is | demo (2,000) | benchmark (100,000) |", "| --- | --- | --- | --- |"]
+    for f in dataclasses.fields(EdgeCasePlan):
+        if "doc" in f.metadata:
+            rows.append(f"| `{f.name}` | {f.metadata['doc']} | {getattr(small, f.name):,} | {getattr(large, f.name):,} |")
+    return "\n".join(rows) + "\n"
+
+
+BLOCKS = {
+    "relations": relations_table,
+    "columns": columns_table,
+    "config": config_table,
+    "edge_cases": edge_cases_table,
+}
+
+
+def render(text: str) -> str:
+    def fill(m: re.Match) -> str:
+        name = m.group("name")
+        if name not in BLOCKS:
+            raise KeyError(f"README block {name!r} has no generator; known: {', '.join(BLOCKS)}")
+        return m.group(1) + BLOCKS[name]() + m.group(4)
+
+    return _BLOCK.sub(fill, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true")
+    parser.add_argument("path", nargs="?", type=Path, default=README)
+    args = parser.parse_args(argv)
+    current = args.path.read_text()
+    fresh = render(current)
+    if args.check:
+        if fresh != current:
+            print(f"{args.path} is stale: run `python -m pg2cio_assets.docs`", file=sys.stderr)
+            return 1
+        return 0
+    args.path.write_text(fresh)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

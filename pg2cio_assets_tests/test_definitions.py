@@ -1,0 +1,90 @@
+"""The code location as Dagster loads it, the instance dagster.yaml describes, and the README's tables."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import dagster as dg
+import psycopg
+import pytest
+from psycopg import sql
+
+from pg2cio_assets import contract, docs
+from pg2cio_assets.assets.extract import WINDOW_CHECK
+from pg2cio_assets.definitions import defs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_contract_relation_has_a_daily_single_run_extract_with_a_blocking_check():
+    graph = defs.resolve_asset_graph()
+    for rel in contract.SOURCE_RELATIONS:
+        node = graph.get(dg.AssetKey(f"{rel.name}_extract"))
+        assert isinstance(node.partitions_def, dg.DailyPartitionsDefinition)
+        assert node.backfill_policy == dg.BackfillPolicy.single_run()
+        assert node.group_name == "extract"
+        assert dg.AssetKey(["commerce", rel.name]) in node.parent_keys
+        checks = [c for c in defs.resolve_all_asset_specs() if c.key == node.key]
+        assert checks, rel.name
+    check_keys = {k.name for k in graph.asset_check_keys}
+    assert check_keys == {WINDOW_CHECK}
+
+
+def test_dagster_validates_the_workspace():
+    out = subprocess.run(
+        [sys.executable, "-m", "dagster", "definitions", "validate", "-w", "workspace.yaml"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Validation successful for code location pg2cio" in out.stdout + out.stderr
+
+
+def test_readme_tables_are_generated_from_the_contract():
+    readme = (ROOT / "README.md").read_text()
+    assert docs.render(readme) == readme, "README.md is stale: run `python -m pg2cio_assets.docs`"
+    for rel in contract.SOURCE_RELATIONS:
+        assert f"| `{rel.name}` |" in readme
+
+
+@pytest.fixture
+def dagster_database(pg_url):
+    name = f"t_dagster_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    yield pg_url.rsplit("/", 1)[0] + "/" + name
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def test_runs_are_recorded_in_the_postgres_instance_of_deploy_dagster_yaml(seeded, dagster_database, tmp_path, monkeypatch):
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copyfile(ROOT / "deploy" / "dagster.yaml", home / "dagster.yaml")
+    monkeypatch.setenv("PG2CIO_DAGSTER_URL", dagster_database)
+    from pg2cio_assets.assets.extract import build_extract_assets
+    from pg2cio_assets.partitions import daily_partitions
+    from pg2cio_assets.resources import PostgresResource
+
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+        result = dg.materialize(
+            build_extract_assets(daily_partitions("2024-01-01"), seeded.state_schema),
+            instance=instance,
+            partition_key="2026-11-20",
+            selection=["orders_extract"],
+            resources={
+                "source": PostgresResource(url=seeded.url, schema_name=seeded.source_schema),
+                "state": PostgresResource(role="state", url=seeded.url, schema_name=seeded.state_schema),
+            },
+        )
+        assert result.success
+    with psycopg.connect(dagster_database) as conn:
+        status = conn.execute("SELECT status FROM runs WHERE run_id = %s", (result.run_id,)).fetchone()
+        kinds = {r[0] for r in conn.execute("SELECT DISTINCT dagster_event_type FROM event_logs WHERE run_id = %s", (result.run_id,))}
+    assert status == ("SUCCESS",)
+    assert {"ASSET_MATERIALIZATION", "ASSET_CHECK_EVALUATION"} <= kinds

@@ -108,6 +108,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         _ensure_database(server.url(), DAGSTER_DATABASE)
         source_url = server.url(DEMO_DATABASE)
         if args.reseed or not _schema_exists(source_url, settings.DEFAULT_SOURCE_SCHEMA):
+            # pg2cio's tables describe the old store; a new store starts from empty state.
+            with psycopg.connect(source_url, autocommit=True) as conn:
+                conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(settings.DEFAULT_STATE_SCHEMA)))
             seed_store(source_url, settings.DEFAULT_SOURCE_SCHEMA, args.customers, args.seed, default_as_of(),
                        replace=True, manifest=home / "manifest.json")
         else:
@@ -201,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reseed", action="store_true", help="regenerate the demo store")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=3000)
-    p.add_argument("--days", type=int, default=7,
+    p.add_argument("--days", type=int, default=30,
                    help="materialize the last N days first, so the UI opens on data (0: skip; default %(default)s)")
     p.add_argument("--no-ui", action="store_true", help="prepare Postgres, the store and the first run, then stop")
     p.set_defaults(func=_cmd_demo)

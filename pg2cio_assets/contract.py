@@ -321,3 +321,78 @@ def contract_ddl(schema: str = "commerce") -> list[sql.Composed]:
     for r in SOURCE_RELATIONS:
         stmts += constraint_sql(schema, r)
     return stmts
+
+
+# ---------------------------------------------------------------------------------------------
+# Use cases and person attributes
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UseCase:
+    name: str
+    doc: str
+    latency_minutes: int  # how stale the data behind it may be before journeys misfire
+
+
+USE_CASES: dict[str, UseCase] = {
+    u.name: u
+    for u in (
+        UseCase("recovery", "cart and checkout recovery; exits on order_paid", 15),
+        UseCase("post_purchase", "order confirmation follow-ups, reviews, cross-sell", 60),
+        UseCase("replenishment", "reminders timed on what was bought and when", 24 * 60),
+        UseCase("winback", "lapsed-customer journeys on lapse flags and LTV", 24 * 60),
+        UseCase("subscription", "subscription saves and renewal reminders", 60),
+        UseCase("profile", "identity, names and consent for every journey", 24 * 60),
+    )
+}
+
+# Customer.io attribute kinds. Every *_at is integer unix seconds; money a float in the store
+# currency, rounded to cents; a given attribute keeps its kind forever.
+ATTRIBUTE_KINDS = ("string", "integer", "money", "boolean", "timestamp")
+
+LAPSE_WINDOWS_DAYS: tuple[int, ...] = (30, 60, 90, 180)
+
+
+@dataclass(frozen=True)
+class Attribute:
+    name: str
+    kind: str
+    doc: str
+    source: str  # the contract relations it is derived from
+    use_case: str
+    nullable: bool = False  # may be absent (no value yet): not sent rather than sent as null
+
+    def __post_init__(self) -> None:
+        if self.kind not in ATTRIBUTE_KINDS:
+            raise ValueError(f"attribute {self.name}: unknown kind {self.kind!r}")
+        if self.use_case not in USE_CASES:
+            raise ValueError(f"attribute {self.name}: unknown use case {self.use_case!r}")
+        if self.name.endswith("_at") != (self.kind == "timestamp"):
+            raise ValueError(f"attribute {self.name}: names ending in _at are timestamps and only they are")
+
+
+PERSON_ATTRIBUTES: tuple[Attribute, ...] = (
+    Attribute("email", "string", "normalized email (trimmed, lower-case)", "customers, orders, carts", "profile", True),
+    Attribute("first_name", "string", "first name of the account", "customers", "profile", True),
+    Attribute("last_name", "string", "last name of the account", "customers", "profile", True),
+    Attribute("created_at", "timestamp", "account creation, or a guest's first checkout", "customers, orders, carts", "profile"),
+    Attribute("email_consent", "boolean", "may receive marketing email (guests: false)", "customers", "profile"),
+    Attribute("sms_consent", "boolean", "may receive marketing SMS (guests: false)", "customers", "profile"),
+    Attribute("orders_count", "integer", "paid orders that were not canceled", "orders", "winback"),
+    Attribute("lifetime_value", "money", "paid totals of those orders minus their refunds, store currency only", "orders, refunds", "winback"),
+    Attribute("average_order_value", "money", "paid totals / orders_count, store currency only", "orders", "winback", True),
+    Attribute("first_order_at", "timestamp", "paid_at of the first counted order", "orders", "post_purchase", True),
+    Attribute("last_order_at", "timestamp", "paid_at of the latest counted order", "orders", "winback", True),
+    Attribute("last_product_category", "string", "category of the first line of the latest counted order", "order_items", "replenishment", True),
+    Attribute("top_category", "string", "category with the most units over counted orders (ties: alphabetical)", "order_items", "replenishment", True),
+    *(
+        Attribute(f"is_lapsed_{d}d", "boolean", f"bought before, but not in the {d} days before the run's as-of date", "orders", "winback")
+        for d in LAPSE_WINDOWS_DAYS
+    ),
+    Attribute("has_active_subscription", "boolean", "at least one subscription with status active", "subscriptions", "subscription"),
+    Attribute("active_subscriptions_count", "integer", "subscriptions with status active", "subscriptions", "subscription"),
+    Attribute("other_currency_orders_count", "integer", "counted orders not in the store currency (left out of LTV and AOV)", "orders", "winback"),
+)
+
+ATTRIBUTES_BY_NAME: dict[str, Attribute] = {a.name: a for a in PERSON_ATTRIBUTES}

@@ -12,6 +12,7 @@ warnings.filterwarnings("ignore", category=dg.BetaWarning)
 warnings.filterwarnings("ignore", category=dg.PreviewWarning)
 
 from pg2cio_assets.assets.extract import build_extract_assets, source_specs
+from pg2cio_assets.assets.identity import identity_assets, person_attributes
 from pg2cio_assets.partitions import daily_partitions
 from pg2cio_assets.resources import resources_for
 from pg2cio_assets.settings import Settings
@@ -19,7 +20,7 @@ from pg2cio_assets.settings import Settings
 SETTINGS = Settings.from_env()
 DAILY = daily_partitions(SETTINGS.partition_start)
 
-ASSETS = [*source_specs(), *build_extract_assets(DAILY, SETTINGS.state_schema)]
+ASSETS = [*source_specs(), *build_extract_assets(DAILY, SETTINGS.state_schema), identity_assets, person_attributes]
 RESOURCES = resources_for(SETTINGS)
 
 defs = dg.Definitions(assets=ASSETS, resources=RESOURCES)

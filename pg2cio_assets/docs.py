@@ -12,7 +12,7 @@ import re
 import sys
 from pathlib import Path
 
-from pg2cio_assets import contract, settings
+from pg2cio_assets import contract, identity, settings
 from pg2cio_assets.extract import state_table_name
 from pg2cio_assets.seed import EdgeCasePlan
 
@@ -63,11 +63,44 @@ def edge_cases_table() -> str:
     return "\n".join(rows) + "\n"
 
 
+def identity_rules() -> str:
+    """The rules as the identity module states them (its docstring's bullet list)."""
+    doc = identity.__doc__ or ""
+    bullets, current = [], None
+    for line in doc.splitlines():
+        if line.startswith("- "):
+            current = line[2:].strip()
+            bullets.append(current)
+        elif line.startswith("  ") and bullets and line.strip():
+            bullets[-1] += " " + line.strip()
+    return "".join(f"- {b}\n" for b in bullets)
+
+
+def attributes_table() -> str:
+    rows = ["| attribute | Customer.io type | meaning | from | use case | may be absent |", "| --- | --- | --- | --- | --- | --- |"]
+    kinds = {"string": "string", "integer": "integer", "money": "number (2 decimals)", "boolean": "boolean",
+             "timestamp": "unix seconds"}
+    for a in contract.PERSON_ATTRIBUTES:
+        rows.append(f"| `{a.name}` | {kinds[a.kind]} | {a.doc} | {a.source} | {a.use_case} | {'yes' if a.nullable else ''} |")
+    return "\n".join(rows) + "\n"
+
+
+def use_cases_table() -> str:
+    rows = ["| use case | what it drives | latency target |", "| --- | --- | --- |"]
+    for u in contract.USE_CASES.values():
+        target = f"{u.latency_minutes} min" if u.latency_minutes < 120 else f"{u.latency_minutes // 60} h"
+        rows.append(f"| {u.name} | {u.doc} | {target} |")
+    return "\n".join(rows) + "\n"
+
+
 BLOCKS = {
     "relations": relations_table,
     "columns": columns_table,
     "config": config_table,
     "edge_cases": edge_cases_table,
+    "identity_rules": identity_rules,
+    "attributes": attributes_table,
+    "use_cases": use_cases_table,
 }
 
 

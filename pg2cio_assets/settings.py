@@ -19,10 +19,12 @@ STATE_URL = "PG2CIO_STATE_URL"
 STATE_SCHEMA = "PG2CIO_STATE_SCHEMA"
 PARTITION_START = "PG2CIO_PARTITION_START"
 DRY_RUN = "PG2CIO_DRY_RUN"
+STORE_CURRENCY = "PG2CIO_STORE_CURRENCY"
 
 DEFAULT_SOURCE_SCHEMA = "commerce"
 DEFAULT_STATE_SCHEMA = "pg2cio"
 DEFAULT_PARTITION_START = "2024-01-01"
+DEFAULT_STORE_CURRENCY = "USD"
 
 # Every variable pg2cio reads: (name, meaning, default). The README's table is generated from it.
 VARIABLES: tuple[tuple[str, str, str], ...] = (
@@ -31,6 +33,7 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
     (STATE_URL, "where pg2cio keeps its tables (extracts, later the ledger)", SOURCE_URL),
     (STATE_SCHEMA, "schema for pg2cio's tables in the state database", DEFAULT_STATE_SCHEMA),
     (PARTITION_START, "first daily partition (UTC); rows older than this are never extracted", DEFAULT_PARTITION_START),
+    (STORE_CURRENCY, "currency of lifetime_value and average_order_value; orders in others are counted apart", DEFAULT_STORE_CURRENCY),
     (DRY_RUN, "build and record payloads, send nothing", "false"),
     ("PG2CIO_DAGSTER_URL", "Postgres for Dagster's own runs, events and schedules (deploy/dagster.yaml)", "set by the demo"),
     ("PG2CIO_TEST_URL", "tests use this Postgres instead of starting a throwaway one", "none"),
@@ -86,6 +89,7 @@ class Settings:
     state_schema: str = DEFAULT_STATE_SCHEMA
     partition_start: str = DEFAULT_PARTITION_START
     dry_run: bool = False
+    store_currency: str = DEFAULT_STORE_CURRENCY
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -95,7 +99,11 @@ class Settings:
             date.fromisoformat(start)
         except ValueError:
             raise ConfigError(f"{PARTITION_START}={start!r} is not a date: use YYYY-MM-DD") from None
+        currency = env.get(STORE_CURRENCY, "").strip() or DEFAULT_STORE_CURRENCY
+        if not re.fullmatch(r"[A-Z]{3}", currency):
+            raise ConfigError(f"{STORE_CURRENCY}={currency!r} is not an ISO 4217 code such as USD or EUR")
         return cls(
+            store_currency=currency,
             source_schema=check_identifier(env.get(SOURCE_SCHEMA, "").strip() or DEFAULT_SOURCE_SCHEMA, SOURCE_SCHEMA),
             state_schema=check_identifier(env.get(STATE_SCHEMA, "").strip() or DEFAULT_STATE_SCHEMA, STATE_SCHEMA),
             partition_start=start,

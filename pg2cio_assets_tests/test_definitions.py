@@ -31,8 +31,21 @@ def test_every_contract_relation_has_a_daily_single_run_extract_with_a_blocking_
         assert dg.AssetKey(["commerce", rel.name]) in node.parent_keys
         checks = [c for c in defs.resolve_all_asset_specs() if c.key == node.key]
         assert checks, rel.name
-    check_keys = {k.name for k in graph.asset_check_keys}
-    assert check_keys == {WINDOW_CHECK}
+    checks_by_asset = {(k.asset_key.to_user_string(), k.name) for k in graph.asset_check_keys}
+    assert {(f"{r.name}_extract", WINDOW_CHECK) for r in contract.SOURCE_RELATIONS} <= checks_by_asset
+
+
+def test_identity_and_attributes_stand_downstream_of_the_extracts_with_blocking_checks():
+    graph = defs.resolve_asset_graph()
+    for key, group in (("identity_map", "identity"), ("people", "identity"), ("identity_merges", "identity"),
+                       ("person_attributes", "attributes")):
+        node = graph.get(dg.AssetKey(key))
+        assert node.group_name == group and node.partitions_def is None
+    assert dg.AssetKey("customers_extract") in graph.get(dg.AssetKey("people")).parent_keys
+    assert dg.AssetKey("people") in graph.get(dg.AssetKey("person_attributes")).parent_keys
+    checks = {(k.asset_key.to_user_string(), k.name) for k in graph.asset_check_keys}
+    assert {("people", "one_person_per_customer_id"), ("people", "no_email_on_two_people_unless_flagged"),
+            ("person_attributes", "attributes_have_contract_types"), ("person_attributes", "no_negative_counts")} <= checks
 
 
 def test_dagster_validates_the_workspace():

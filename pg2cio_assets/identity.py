@@ -1,0 +1,209 @@
+"""Identity resolution: every customer_id and every email seen -> one person key. Pure pandas.
+
+Rules (the README documents them from here):
+- customer_id is the person key and the Customer.io `id` of every account.
+- Emails are trimmed and lower-cased before any match; nothing provider-specific.
+- A guest email belongs to the account whose current email it is, else to the account that
+  held it before (customer_email_changes); current beats previous.
+- An email two accounts claim at the same rank is ambiguous: the accounts stay separate,
+  flagged `email_shared`, and guest rows under that email are quarantined, never guessed.
+- Any other usable guest email is one guest person, keyed by a hash of the normalized email
+  and identified in Customer.io by `email`.
+- A guest email seen before its account existed yields one merge (primary id = customer_id,
+  secondary email): Customer.io may hold a guest profile for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+import pandas as pd
+
+_USABLE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+
+REASON_NO_EMAIL = "no customer_id and no email"
+REASON_UNUSABLE = "no customer_id and an unusable email"
+REASON_SHARED = "no customer_id and an email shared by accounts"
+
+IDENTITY_MAP_COLUMNS = ["identifier_type", "identifier", "normalized", "person_key", "rule", "reason"]
+PEOPLE_COLUMNS = [
+    "person_key", "person_type", "customer_id", "email", "cio_identifier_type", "cio_identifier",
+    "first_name", "last_name", "email_consent", "sms_consent", "created_at", "deleted_at", "email_shared",
+]
+MERGE_COLUMNS = ["merge_id", "primary_id", "secondary_email", "guest_first_seen_at", "account_created_at"]
+
+
+def normalize_email(raw: object) -> str | None:
+    """Trimmed, lower-cased email, or None when there is none or it cannot be an address."""
+    if not isinstance(raw, str):
+        return None
+    email = raw.strip().lower()
+    return email if _USABLE.match(email) else None
+
+
+def guest_key(normalized_email: str) -> str:
+    """Stable person key of a guest: the same email gives the same key on every run."""
+    return "guest_" + hashlib.sha256(normalized_email.encode()).hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class Identities:
+    identity_map: pd.DataFrame  # IDENTITY_MAP_COLUMNS: one row per identifier seen
+    people: pd.DataFrame  # PEOPLE_COLUMNS: one row per real person
+    merges: pd.DataFrame  # MERGE_COLUMNS: guest profiles to fold into accounts
+
+    def counts(self) -> dict[str, int]:
+        m = self.identity_map
+        return {
+            "people": len(self.people),
+            "accounts": int((self.people["person_type"] == "account").sum()),
+            "guests": int((self.people["person_type"] == "guest").sum()),
+            "merges": len(self.merges),
+            "accounts_sharing_an_email": int(self.people["email_shared"].sum()),
+            "unresolved_emails": int(m["person_key"].isna().sum()),
+        }
+
+
+def _email_owners(accounts: pd.DataFrame, email_changes: pd.DataFrame) -> pd.DataFrame:
+    """normalized email -> the account(s) that claim it, with rank (1 current, 2 previous)."""
+    current = pd.DataFrame({"normalized": accounts["email"].map(normalize_email), "customer_id": accounts["customer_id"], "rank": 1})
+    previous = pd.concat(
+        [
+            pd.DataFrame({"normalized": email_changes[col].map(normalize_email), "customer_id": email_changes["customer_id"], "rank": 2})
+            for col in ("old_email", "new_email")
+        ]
+    )
+    owners = pd.concat([current, previous]).dropna(subset=["normalized"]).drop_duplicates(["normalized", "customer_id", "rank"])
+    # An email keeps only its best rank: a current owner beats any previous one.
+    best = owners.groupby("normalized")["rank"].transform("min")
+    return owners[owners["rank"] == best]
+
+
+def resolve_identities(accounts: pd.DataFrame, email_changes: pd.DataFrame, guest_emails: pd.DataFrame) -> Identities:
+    """Resolve accounts, their email history and the emails seen on guest rows into people.
+
+    accounts: customer_id, email, first_name, last_name, email_consent, sms_consent, created_at, deleted_at
+    email_changes: customer_id, old_email, new_email, changed_at
+    guest_emails: email (as typed, may be None), first_seen_at: one row per distinct email on
+        orders and carts that have no customer_id.
+    """
+    accounts = accounts.sort_values("customer_id", kind="stable").reset_index(drop=True)
+    owners = _email_owners(accounts, email_changes)
+    claims = owners.groupby("normalized").agg(
+        owner=("customer_id", "min"), owners=("customer_id", lambda s: sorted(set(s))), rank=("rank", "min")
+    )
+    claims["ambiguous"] = claims["owners"].map(len) > 1
+    shared_accounts = {c for owners_ in claims.loc[claims["ambiguous"] & (claims["rank"] == 1), "owners"] for c in owners_}
+
+    # --- accounts -------------------------------------------------------------------------
+    acc_norm = accounts["email"].map(normalize_email)
+    people_acc = pd.DataFrame(
+        {
+            "person_key": accounts["customer_id"],
+            "person_type": "account",
+            "customer_id": accounts["customer_id"],
+            "email": acc_norm,
+            "cio_identifier_type": "id",
+            "cio_identifier": accounts["customer_id"],
+            "first_name": accounts["first_name"],
+            "last_name": accounts["last_name"],
+            "email_consent": accounts["email_consent"].astype(bool),
+            "sms_consent": accounts["sms_consent"].astype(bool),
+            "created_at": accounts["created_at"],
+            "deleted_at": accounts["deleted_at"],
+            "email_shared": accounts["customer_id"].isin(shared_accounts),
+        }
+    )
+    map_rows = [
+        pd.DataFrame(
+            {
+                "identifier_type": "customer_id",
+                "identifier": accounts["customer_id"],
+                "normalized": accounts["customer_id"],
+                "person_key": accounts["customer_id"],
+                "rule": "customer_id",
+                "reason": None,
+            }
+        )
+    ]
+
+    # --- every email identifier: account emails, previous emails, guest emails as typed -----
+    seen = guest_emails[["email", "first_seen_at"]].copy()
+    seen["normalized"] = seen["email"].map(normalize_email)
+    account_emails = claims.reset_index()[["normalized"]].assign(email=lambda d: d["normalized"])
+    identifiers = pd.concat([account_emails[["email", "normalized"]], seen[["email", "normalized"]]]).drop_duplicates("email")
+    identifiers = identifiers.merge(claims, how="left", left_on="normalized", right_index=True)
+
+    def route(row) -> tuple[str | None, str | None, str | None]:
+        if not isinstance(row.email, str) or not row.email.strip():
+            return None, None, REASON_NO_EMAIL
+        if row.normalized is None:
+            return None, None, REASON_UNUSABLE
+        if isinstance(row.owners, list):
+            if row.ambiguous:
+                return None, None, f"{REASON_SHARED} {', '.join(row.owners)}"
+            return row.owner, "current_email" if row.rank == 1 else "previous_email", None
+        return guest_key(row.normalized), "guest_email", None
+
+    routed = [route(r) for r in identifiers.itertuples(index=False)]
+    identifiers["person_key"] = [r[0] for r in routed]
+    identifiers["rule"] = [r[1] for r in routed]
+    identifiers["reason"] = [r[2] for r in routed]
+    map_rows.append(
+        pd.DataFrame(
+            {
+                "identifier_type": "email",
+                "identifier": identifiers["email"],
+                "normalized": identifiers["normalized"],
+                "person_key": identifiers["person_key"],
+                "rule": identifiers["rule"],
+                "reason": identifiers["reason"],
+            }
+        )
+    )
+    identity_map = pd.concat(map_rows, ignore_index=True)
+
+    # --- guest people ----------------------------------------------------------------------
+    seen = seen.merge(identifiers[["email", "person_key", "rule"]], on="email", how="left")
+    guests = seen[seen["rule"] == "guest_email"].groupby("normalized", as_index=False)["first_seen_at"].min()
+    people_guest = pd.DataFrame(
+        {
+            "person_key": guests["normalized"].map(guest_key),
+            "person_type": "guest",
+            "customer_id": None,
+            "email": guests["normalized"],
+            "cio_identifier_type": "email",
+            "cio_identifier": guests["normalized"],
+            "first_name": None,
+            "last_name": None,
+            "email_consent": False,
+            "sms_consent": False,
+            "created_at": guests["first_seen_at"],
+            "deleted_at": pd.NaT,
+            "email_shared": False,
+        }
+    )
+    people = pd.concat([people_acc, people_guest], ignore_index=True)[PEOPLE_COLUMNS]
+
+    # --- merges: guest activity under an account's email before the account existed ---------
+    to_account = seen[seen["rule"].isin(["current_email", "previous_email"])]
+    to_account = to_account.groupby(["person_key", "normalized"], as_index=False)["first_seen_at"].min()
+    created = accounts.set_index("customer_id")["created_at"]
+    to_account["account_created_at"] = to_account["person_key"].map(created)
+    early = to_account[to_account["first_seen_at"] < to_account["account_created_at"]]
+    merges = pd.DataFrame(
+        {
+            "merge_id": [
+                "merge_" + hashlib.sha256(f"{p}\x00{e}".encode()).hexdigest()[:24]
+                for p, e in zip(early["person_key"], early["normalized"])
+            ],
+            "primary_id": early["person_key"].to_numpy(),
+            "secondary_email": early["normalized"].to_numpy(),
+            "guest_first_seen_at": early["first_seen_at"].to_numpy(),
+            "account_created_at": early["account_created_at"].to_numpy(),
+        }
+    ).sort_values("merge_id", ignore_index=True)
+
+    return Identities(identity_map=identity_map[IDENTITY_MAP_COLUMNS], people=people, merges=merges[MERGE_COLUMNS])

@@ -6,6 +6,7 @@ these declarations; nothing else in the project spells a source column name or t
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from psycopg import sql
@@ -396,3 +397,103 @@ PERSON_ATTRIBUTES: tuple[Attribute, ...] = (
 )
 
 ATTRIBUTES_BY_NAME: dict[str, Attribute] = {a.name: a for a in PERSON_ATTRIBUTES}
+
+
+# ---------------------------------------------------------------------------------------------
+# Behavioural events
+# ---------------------------------------------------------------------------------------------
+
+EVENT_PROPERTY_KINDS = ("string", "integer", "money", "boolean")
+ITEM_PROPERTIES: tuple[tuple[str, str], ...] = (
+    ("sku", "string"), ("title", "string"), ("category", "string"), ("quantity", "integer"), ("price", "money"),
+)
+
+
+@dataclass(frozen=True)
+class EventProperty:
+    name: str
+    kind: str
+    nullable: bool = False
+    doc: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in EVENT_PROPERTY_KINDS:
+            raise ValueError(f"event property {self.name}: unknown kind {self.kind!r}")
+
+
+@dataclass(frozen=True)
+class Event:
+    name: str
+    doc: str
+    relation: str  # the source relation whose row the event is explained by
+    timestamp_column: str  # when it happened: the event's timestamp and its daily partition
+    properties: tuple[EventProperty, ...]
+    use_case: str
+    owner: str = "postgres"  # "postgres": pg2cio emits it; "app": the store's app does, pg2cio never
+    enabled_by_default: bool = True
+    items: bool = False  # carry the line items (sku, title, category, quantity, price)
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", self.name) or len(self.name.encode()) > 100:
+            raise ValueError(f"event name {self.name!r} must be snake_case and at most 100 bytes")
+        if self.owner not in ("postgres", "app"):
+            raise ValueError(f"event {self.name}: owner must be postgres or app")
+        if self.use_case not in USE_CASES:
+            raise ValueError(f"event {self.name}: unknown use case {self.use_case!r}")
+        RELATIONS_BY_NAME[self.relation].column(self.timestamp_column)
+
+    @property
+    def source_key(self) -> tuple[str, ...]:
+        return RELATIONS_BY_NAME[self.relation].primary_key
+
+
+def _p(name: str, kind: str, nullable: bool = False, doc: str = "") -> EventProperty:
+    return EventProperty(name, kind, nullable, doc)
+
+
+EVENTS: tuple[Event, ...] = (
+    Event("cart_created", "a shopper put something in a new cart", "carts", "created_at",
+          (_p("cart_id", "string"), _p("currency", "string")), "recovery"),
+    Event("checkout_started", "the shopper reached checkout: the recovery trigger", "carts", "checkout_started_at",
+          (_p("cart_id", "string"), _p("currency", "string"), _p("cart_total", "money")), "recovery", items=True),
+    Event("cart_updated", "any change to a cart (noisy: off unless switched on)", "carts", "updated_at",
+          (_p("cart_id", "string"), _p("currency", "string")), "recovery", enabled_by_default=False),
+    Event("order_paid", "the store counts the order as paid: the universal stop of recovery journeys", "orders", "paid_at",
+          (_p("order_id", "string"), _p("order_total", "money"), _p("currency", "string"),
+           _p("discount_code", "string", True), _p("is_first_order", "boolean")), "recovery", items=True),
+    Event("order_fulfilled", "the order left the warehouse", "orders", "fulfilled_at",
+          (_p("order_id", "string"), _p("order_total", "money"), _p("currency", "string")), "post_purchase"),
+    Event("order_refunded", "money went back to the shopper", "refunds", "refunded_at",
+          (_p("refund_id", "string"), _p("order_id", "string"), _p("amount", "money"), _p("currency", "string")),
+          "post_purchase"),
+    Event("subscription_created", "a replenishment subscription started", "subscriptions", "created_at",
+          (_p("subscription_id", "string"), _p("sku", "string"), _p("interval_days", "integer")), "subscription"),
+    Event("subscription_renewed", "a subscription renewed and created an order", "subscription_renewals", "renewed_at",
+          (_p("subscription_id", "string"), _p("renewal_id", "string"), _p("order_id", "string", True),
+           _p("sku", "string"), _p("interval_days", "integer")), "replenishment"),
+    Event("subscription_canceled", "a subscription was canceled: the save trigger", "subscriptions", "canceled_at",
+          (_p("subscription_id", "string"), _p("sku", "string"), _p("interval_days", "integer")), "subscription"),
+)
+
+EVENTS_BY_NAME: dict[str, Event] = {e.name: e for e in EVENTS}
+
+
+class UnknownEventError(KeyError):
+    """An event name that is not in the contract; never sent under a second name."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return self.args[0]
+
+
+def event(name: str) -> Event:
+    """The contract's event of that exact name, or an error naming it (and the near miss, if any)."""
+    if name in EVENTS_BY_NAME:
+        return EVENTS_BY_NAME[name]
+    canonical = re.sub(r"[\s\-]+", "_", name.strip()).lower()
+    hint = (
+        f"; did you mean {canonical!r}? Event names are exact and snake_case, so {name!r} would be a second, "
+        "different event in Customer.io"
+        if canonical in EVENTS_BY_NAME
+        else f"; the contract's events are: {', '.join(EVENTS_BY_NAME)}"
+    )
+    raise UnknownEventError(f"event {name!r} is not in the contract{hint}")

@@ -12,6 +12,7 @@ warnings.filterwarnings("ignore", category=dg.BetaWarning)
 warnings.filterwarnings("ignore", category=dg.PreviewWarning)
 
 from pg2cio_assets.assets.extract import build_extract_assets, source_specs
+from pg2cio_assets.assets.events import build_events_asset
 from pg2cio_assets.assets.identity import identity_assets, person_attributes
 from pg2cio_assets.partitions import daily_partitions
 from pg2cio_assets.resources import resources_for
@@ -20,7 +21,13 @@ from pg2cio_assets.settings import Settings
 SETTINGS = Settings.from_env()
 DAILY = daily_partitions(SETTINGS.partition_start)
 
-ASSETS = [*source_specs(), *build_extract_assets(DAILY, SETTINGS.state_schema), identity_assets, person_attributes]
+ASSETS = [
+    *source_specs(),
+    *build_extract_assets(DAILY, SETTINGS.state_schema),
+    identity_assets,
+    person_attributes,
+    build_events_asset(DAILY, SETTINGS.enable_events, SETTINGS.disable_events),
+]
 RESOURCES = resources_for(SETTINGS)
 
 defs = dg.Definitions(assets=ASSETS, resources=RESOURCES)

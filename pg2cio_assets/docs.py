@@ -85,6 +85,18 @@ def attributes_table() -> str:
     return "\n".join(rows) + "\n"
 
 
+def taxonomy_table() -> str:
+    rows = ["| event | what happened | timestamp from | properties | items | use case (latency) | on by default |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    for e in contract.EVENTS:
+        props = ", ".join(f"`{p.name}` {p.kind}{'?' if p.nullable else ''}" for p in e.properties)
+        u = contract.USE_CASES[e.use_case]
+        latency = f"{u.latency_minutes} min" if u.latency_minutes < 120 else f"{u.latency_minutes // 60} h"
+        rows.append(f"| `{e.name}` | {e.doc} | `{e.relation}.{e.timestamp_column}` | {props} | "
+                    f"{'yes' if e.items else ''} | {e.use_case} ({latency}) | {'yes' if e.enabled_by_default else 'no'} |")
+    return "\n".join(rows) + "\n"
+
+
 def use_cases_table() -> str:
     rows = ["| use case | what it drives | latency target |", "| --- | --- | --- |"]
     for u in contract.USE_CASES.values():
@@ -101,6 +113,7 @@ BLOCKS = {
     "identity_rules": identity_rules,
     "attributes": attributes_table,
     "use_cases": use_cases_table,
+    "taxonomy": taxonomy_table,
 }
 
 

@@ -20,6 +20,8 @@ STATE_SCHEMA = "PG2CIO_STATE_SCHEMA"
 PARTITION_START = "PG2CIO_PARTITION_START"
 DRY_RUN = "PG2CIO_DRY_RUN"
 STORE_CURRENCY = "PG2CIO_STORE_CURRENCY"
+ENABLE_EVENTS = "PG2CIO_ENABLE_EVENTS"
+DISABLE_EVENTS = "PG2CIO_DISABLE_EVENTS"
 
 DEFAULT_SOURCE_SCHEMA = "commerce"
 DEFAULT_STATE_SCHEMA = "pg2cio"
@@ -34,6 +36,8 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
     (STATE_SCHEMA, "schema for pg2cio's tables in the state database", DEFAULT_STATE_SCHEMA),
     (PARTITION_START, "first daily partition (UTC); rows older than this are never extracted", DEFAULT_PARTITION_START),
     (STORE_CURRENCY, "currency of lifetime_value and average_order_value; orders in others are counted apart", DEFAULT_STORE_CURRENCY),
+    (ENABLE_EVENTS, "comma-separated contract events to switch on beyond the defaults (e.g. cart_updated)", "none"),
+    (DISABLE_EVENTS, "comma-separated contract events to switch off", "none"),
     (DRY_RUN, "build and record payloads, send nothing", "false"),
     ("PG2CIO_DAGSTER_URL", "Postgres for Dagster's own runs, events and schedules (deploy/dagster.yaml)", "set by the demo"),
     ("PG2CIO_TEST_URL", "tests use this Postgres instead of starting a throwaway one", "none"),
@@ -90,6 +94,8 @@ class Settings:
     partition_start: str = DEFAULT_PARTITION_START
     dry_run: bool = False
     store_currency: str = DEFAULT_STORE_CURRENCY
+    enable_events: tuple[str, ...] = ()
+    disable_events: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -102,7 +108,10 @@ class Settings:
         currency = env.get(STORE_CURRENCY, "").strip() or DEFAULT_STORE_CURRENCY
         if not re.fullmatch(r"[A-Z]{3}", currency):
             raise ConfigError(f"{STORE_CURRENCY}={currency!r} is not an ISO 4217 code such as USD or EUR")
+        names = lambda var: tuple(n.strip() for n in env.get(var, "").split(",") if n.strip())  # noqa: E731
         return cls(
+            enable_events=names(ENABLE_EVENTS),
+            disable_events=names(DISABLE_EVENTS),
             store_currency=currency,
             source_schema=check_identifier(env.get(SOURCE_SCHEMA, "").strip() or DEFAULT_SOURCE_SCHEMA, SOURCE_SCHEMA),
             state_schema=check_identifier(env.get(STATE_SCHEMA, "").strip() or DEFAULT_STATE_SCHEMA, STATE_SCHEMA),

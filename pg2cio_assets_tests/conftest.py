@@ -21,8 +21,11 @@ STORE_SEED = 11
 
 
 def pytest_configure(config):
-    # Dagster marks several stable-in-practice parameters as beta/preview; keep test output readable.
-    warnings.filterwarnings("ignore", module="dagster")
+    # Dagster marks BackfillPolicy and friends as beta/preview; keep test output readable.
+    import dagster as dg
+
+    warnings.filterwarnings("ignore", category=dg.BetaWarning)
+    warnings.filterwarnings("ignore", category=dg.PreviewWarning)
 
 
 @pytest.fixture(scope="session")

@@ -35,7 +35,7 @@ def test_every_contract_relation_has_a_daily_single_run_extract_with_a_blocking_
     assert {(f"{r.name}_extract", WINDOW_CHECK) for r in contract.SOURCE_RELATIONS} <= checks_by_asset
 
 
-def test_identity_and_attributes_stand_downstream_of_the_extracts_with_blocking_checks():
+def test_identity_attributes_and_events_stand_downstream_of_the_extracts_with_blocking_checks():
     graph = defs.resolve_asset_graph()
     for key, group in (("identity_map", "identity"), ("people", "identity"), ("identity_merges", "identity"),
                        ("person_attributes", "attributes")):
@@ -43,7 +43,13 @@ def test_identity_and_attributes_stand_downstream_of_the_extracts_with_blocking_
         assert node.group_name == group and node.partitions_def is None
     assert dg.AssetKey("customers_extract") in graph.get(dg.AssetKey("people")).parent_keys
     assert dg.AssetKey("people") in graph.get(dg.AssetKey("person_attributes")).parent_keys
+    events = graph.get(dg.AssetKey("events"))
+    assert isinstance(events.partitions_def, dg.DailyPartitionsDefinition)
+    assert events.backfill_policy == dg.BackfillPolicy.single_run()
+    assert {dg.AssetKey("people"), dg.AssetKey("orders_extract")} <= events.parent_keys
     checks = {(k.asset_key.to_user_string(), k.name) for k in graph.asset_check_keys}
+    assert {("events", n) for n in ("ids_unique_and_valid_ulids", "names_in_contract",
+                                     "timestamps_inside_partition_window", "properties_have_contract_types")} <= checks
     assert {("people", "one_person_per_customer_id"), ("people", "no_email_on_two_people_unless_flagged"),
             ("person_attributes", "attributes_have_contract_types"), ("person_attributes", "no_negative_counts")} <= checks
 

@@ -202,11 +202,14 @@ def test_an_old_email_now_held_by_another_account_belongs_to_the_current_holder(
     assert (routed["person_key"], routed["rule"]) == ("b", "current_email")
 
 
-def test_one_run_over_a_partition_range_takes_extracts_through_identity_and_attributes(seeded):
+def test_one_run_over_a_partition_range_takes_extracts_through_identity_attributes_and_events(seeded):
+    from pg2cio_assets.assets.events import build_events_asset
     from pg2cio_assets.assets.extract import build_extract_assets
     from pg2cio_assets.partitions import daily_partitions
 
-    assets = [*build_extract_assets(daily_partitions("2024-01-01"), seeded.state_schema), identity_assets, person_attributes]
+    daily = daily_partitions("2024-01-01")
+    assets = [*build_extract_assets(daily, seeded.state_schema), identity_assets, person_attributes,
+              build_events_asset(daily, (), ())]
     result = dg.materialize(
         assets,
         resources={
@@ -219,7 +222,8 @@ def test_one_run_over_a_partition_range_takes_extracts_through_identity_and_attr
     )
     assert result.success
     done = {e.asset_key.path[-1] for e in result.get_asset_materialization_events()}
-    assert {"orders_extract", "identity_map", "people", "identity_merges", "person_attributes"} <= done
+    assert {"orders_extract", "identity_map", "people", "identity_merges", "person_attributes", "events"} <= done
+    assert all(c.passed for c in result.get_asset_check_evaluations())
     people = table(seeded, "people")
     with seeded.connect() as conn:
         accounts_in_window = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(

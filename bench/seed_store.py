@@ -103,10 +103,11 @@ def run(url: str, customers: int, seed: int, do_extract: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(report: str) -> None:
+def write_section(report: str, section: str = SECTION) -> None:
+    """Replace (or append) one benchmark's section of RESULTS.md, leaving the others."""
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    block = f"<!-- bench:{SECTION} -->\n{report}<!-- /bench:{SECTION} -->\n"
-    pattern = re.compile(rf"<!-- bench:{SECTION} -->.*?<!-- /bench:{SECTION} -->\n", re.S)
+    block = f"<!-- bench:{section} -->\n{report}<!-- /bench:{section} -->\n"
+    pattern = re.compile(rf"<!-- bench:{section} -->.*?<!-- /bench:{section} -->\n", re.S)
     text = pattern.sub(lambda _m: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block
     RESULTS.write_text(text)
 

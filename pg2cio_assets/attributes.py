@@ -16,15 +16,13 @@ from psycopg import sql
 from pg2cio_assets import contract
 from pg2cio_assets.state import unix_seconds
 
-PANDAS_DTYPES = {"string": "object", "integer": "int64", "money": "float64", "boolean": "bool", "timestamp": "Int64"}
-PG_TYPES = {"string": "text", "integer": "bigint", "money": "double precision", "boolean": "boolean", "timestamp": "bigint"}
 
 KEY_COLUMNS = [("person_key", "text"), ("person_type", "text"), ("cio_identifier_type", "text"), ("cio_identifier", "text")]
 EXTRA_COLUMNS = [("is_erased", "boolean"), ("email_shared", "boolean"), ("as_of", "timestamptz")]
 
 
 def table_columns() -> list[tuple[str, str]]:
-    return KEY_COLUMNS + [(a.name, PG_TYPES[a.kind]) for a in contract.PERSON_ATTRIBUTES] + EXTRA_COLUMNS
+    return KEY_COLUMNS + [(a.name, contract.ATTRIBUTE_KINDS[a.kind].state_type) for a in contract.PERSON_ATTRIBUTES] + EXTRA_COLUMNS
 
 
 def order_people_query(state_schema: str) -> sql.Composed:
@@ -160,7 +158,7 @@ def attributes_schema() -> pa.DataFrameSchema:
         if a.kind == "timestamp":
             checks.append(pa.Check.ge(0, error="must be unix seconds"))
             checks.append(pa.Check.lt(10**10, error="must be unix seconds, not milliseconds"))
-        dtype = str if a.kind == "string" else PANDAS_DTYPES[a.kind]
+        dtype = str if a.kind == "string" else contract.ATTRIBUTE_KINDS[a.kind].pandas
         columns[a.name] = pa.Column(dtype, checks=checks, nullable=a.nullable)
     return pa.DataFrameSchema(columns, strict=False, name="person_attributes")
 

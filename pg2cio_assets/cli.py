@@ -51,7 +51,10 @@ def seed_store(url: str, schema: str, customers: int, seed: int, as_of, replace:
 def _cmd_seed(args: argparse.Namespace) -> int:
     url = settings.resolve_url(settings.SOURCE_URL)
     schema = settings.check_identifier(args.schema, "--schema")
-    as_of = parse_as_of(args.as_of) if args.as_of else default_as_of()
+    try:
+        as_of = parse_as_of(args.as_of) if args.as_of else default_as_of()
+    except ValueError:
+        raise settings.ConfigError(f"--as-of {args.as_of!r} is not an ISO-8601 instant (e.g. 2026-11-30T00:00:00+00:00)") from None
     seed_store(url, schema, args.customers, args.seed, as_of, args.replace, args.manifest)
     return 0
 
@@ -157,6 +160,11 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
     """Materialize every asset over the last N daily partitions (or all), as one run in $DAGSTER_HOME's instance."""
     import dagster as dg
 
+    if not os.environ.get("DAGSTER_HOME"):
+        raise settings.ConfigError(
+            "DAGSTER_HOME is not set: point it at a directory holding a copy of deploy/dagster.yaml, so the run is "
+            "recorded in your Dagster instance (pg2cio demo sets it for you)"
+        )
     from pg2cio_assets.definitions import ASSETS, DAILY, RESOURCES
 
     keys = DAILY.get_partition_keys()

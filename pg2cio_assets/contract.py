@@ -11,32 +11,38 @@ from dataclasses import dataclass, field
 
 from psycopg import sql
 
-# Kinds a source column can have, and the PostgreSQL data types (as information_schema spells
-# them) that a store's own table or view may use for each.
-ACCEPTED_TYPES: dict[str, frozenset[str]] = {
-    "text": frozenset({"text", "character varying", "character"}),
-    "integer": frozenset({"integer", "smallint", "bigint"}),
-    "money": frozenset({"numeric"}),
-    "boolean": frozenset({"boolean"}),
-    "timestamp": frozenset({"timestamp with time zone"}),
-}
+@dataclass(frozen=True)
+class SourceKind:
+    """How one kind of source column is accepted, validated and stored."""
 
-# How a store can fix each kind when its view has the wrong type.
-TYPE_HINTS: dict[str, str] = {
-    "text": "cast it with ::text",
-    "integer": "cast it with ::integer",
-    "money": "cast it with ::numeric(12,2)",
-    "boolean": "cast it with ::boolean",
-    "timestamp": "cast it with ::timestamptz (a timestamp without time zone is ambiguous: convert it with AT TIME ZONE '<store tz>')",
+    accepted: frozenset[str]  # PostgreSQL types (as format_type spells them) a store may use
+    hint: str  # how a store fixes a view of the wrong type
+    pandas: object  # dtype the extract schema validates
+    state_type: str  # type in pg2cio's extract tables (wide: nothing is rounded or cut)
+
+
+SOURCE_KINDS: dict[str, SourceKind] = {
+    "text": SourceKind(frozenset({"text", "character varying", "character"}), "cast it with ::text", "str", "text"),
+    "integer": SourceKind(frozenset({"integer", "smallint", "bigint"}), "cast it with ::integer", "int64", "bigint"),
+    "money": SourceKind(frozenset({"numeric"}), "cast it with ::numeric(12,2)", "float64", "numeric"),
+    "boolean": SourceKind(frozenset({"boolean"}), "cast it with ::boolean", "bool", "boolean"),
+    "timestamp": SourceKind(
+        frozenset({"timestamp with time zone"}),
+        "cast it with ::timestamptz (a timestamp without time zone is ambiguous: convert it with AT TIME ZONE '<store tz>')",
+        "datetime64[us, UTC]",
+        "timestamptz",
+    ),
 }
+ACCEPTED_TYPES: dict[str, frozenset[str]] = {k: v.accepted for k, v in SOURCE_KINDS.items()}
 
 
 @dataclass(frozen=True)
 class Column:
     name: str
-    pg_type: str  # the type in the contract DDL
-    kind: str  # one of ACCEPTED_TYPES
+    pg_type: str  # the type in the contract DDL, e.g. numeric(12,2)
+    kind: str  # one of SOURCE_KINDS
     nullable: bool = True
+    default: str | None = None  # SQL default in the contract DDL
     references: str | None = None  # "relation" or "relation(column)" for the DDL's foreign key
     isin: tuple[str, ...] | None = None  # allowed values, checked by the extract schema
     ge: float | None = None  # lower bound, checked by the extract schema
@@ -44,7 +50,7 @@ class Column:
     doc: str = ""
 
     def __post_init__(self) -> None:
-        if self.kind not in ACCEPTED_TYPES:
+        if self.kind not in SOURCE_KINDS:
             raise ValueError(f"column {self.name}: unknown kind {self.kind!r}")
 
 
@@ -108,8 +114,8 @@ SOURCE_RELATIONS: tuple[Relation, ...] = (
             _c("phone", "text", "text"),
             _c("first_name", "text", "text"),
             _c("last_name", "text", "text"),
-            _c("email_consent", "boolean NOT NULL DEFAULT false", "boolean", False),
-            _c("sms_consent", "boolean NOT NULL DEFAULT false", "boolean", False),
+            _c("email_consent", "boolean", "boolean", False, default="false"),
+            _c("sms_consent", "boolean", "boolean", False, default="false"),
             _c("created_at", "timestamptz", "timestamp", False),
             _c("updated_at", "timestamptz", "timestamp", False),
             _c("deleted_at", "timestamptz", "timestamp", doc="erasure request"),
@@ -185,7 +191,7 @@ SOURCE_RELATIONS: tuple[Relation, ...] = (
             _c("currency", "char(3)", "text", False, pattern=CURRENCY),
             _c("subtotal", "numeric(12,2)", "money", False, ge=0),
             _c("discount_code", "text", "text"),
-            _c("discount_total", "numeric(12,2) NOT NULL DEFAULT 0", "money", False, ge=0),
+            _c("discount_total", "numeric(12,2)", "money", False, ge=0, default="0"),
             _c("order_total", "numeric(12,2)", "money", False, ge=0),
             _c("created_at", "timestamptz", "timestamp", False),
             _c("paid_at", "timestamptz", "timestamp"),
@@ -276,8 +282,8 @@ def relation(name: str) -> Relation:
 
 
 def _column_ddl(col: Column) -> sql.Composable:
-    not_null = "" if col.nullable or "NOT NULL" in col.pg_type else " NOT NULL"
-    return sql.SQL("{} {}").format(sql.Identifier(col.name), sql.SQL(col.pg_type + not_null))
+    extra = ("" if col.nullable else " NOT NULL") + (f" DEFAULT {col.default}" if col.default else "")
+    return sql.SQL("{} {}").format(sql.Identifier(col.name), sql.SQL(col.pg_type + extra))
 
 
 def create_table_sql(schema: str, rel: Relation) -> sql.Composed:
@@ -350,7 +356,20 @@ USE_CASES: dict[str, UseCase] = {
 
 # Customer.io attribute kinds. Every *_at is integer unix seconds; money a float in the store
 # currency, rounded to cents; a given attribute keeps its kind forever.
-ATTRIBUTE_KINDS = ("string", "integer", "money", "boolean", "timestamp")
+@dataclass(frozen=True)
+class AttributeKind:
+    pandas: object  # dtype in person_attributes frames
+    state_type: str  # column type of pg2cio.person_attributes
+    customerio: str  # how it reaches Customer.io
+
+
+ATTRIBUTE_KINDS: dict[str, AttributeKind] = {
+    "string": AttributeKind("str", "text", "string"),
+    "integer": AttributeKind("int64", "bigint", "integer"),
+    "money": AttributeKind("float64", "double precision", "number (2 decimals)"),
+    "boolean": AttributeKind("bool", "boolean", "boolean"),
+    "timestamp": AttributeKind("Int64", "bigint", "unix seconds"),
+}
 
 LAPSE_WINDOWS_DAYS: tuple[int, ...] = (30, 60, 90, 180)
 

@@ -21,11 +21,11 @@ _BLOCK = re.compile(r"(<!-- generated:(?P<name>[a-z_]+) -->\n)(?P<body>.*?)(<!--
 
 
 def relations_table() -> str:
-    rows = ["| relation | one row per | daily partition by | key | extract table |", "| --- | --- | --- | --- | --- |"]
+    rows = ["| relation | one row per | daily partition by | key | extract table (state schema) |", "| --- | --- | --- | --- | --- |"]
     for rel in contract.SOURCE_RELATIONS:
         placed = f"`{rel.parent.relation}.{rel.partition_column}`" if rel.parent else f"`{rel.partition_column}`"
         key = ", ".join(rel.primary_key) or "(append-only log)"
-        rows.append(f"| `{rel.name}` | {rel.doc} | {placed} | {key} | `pg2cio.{state_table_name(rel)}` |")
+        rows.append(f"| `{rel.name}` | {rel.doc} | {placed} | {key} | `{state_table_name(rel)}` |")
     return "\n".join(rows) + "\n"
 
 
@@ -43,7 +43,7 @@ def columns_table() -> str:
             if (c.name,) == rel.primary_key or c.name in rel.primary_key:
                 checks.append("unique key" if len(rel.primary_key) == 1 else "part of the key")
             rows.append(
-                f"| `{rel.name}` | `{c.name}` | {c.pg_type.split(' NOT NULL')[0]} | {'yes' if not c.nullable else ''} | {'; '.join(checks)} |"
+                f"| `{rel.name}` | `{c.name}` | {c.pg_type} | {'yes' if not c.nullable else ''} | {'; '.join(checks)} |"
             )
     return "\n".join(rows) + "\n"
 
@@ -78,10 +78,8 @@ def identity_rules() -> str:
 
 def attributes_table() -> str:
     rows = ["| attribute | Customer.io type | meaning | from | use case | may be absent |", "| --- | --- | --- | --- | --- | --- |"]
-    kinds = {"string": "string", "integer": "integer", "money": "number (2 decimals)", "boolean": "boolean",
-             "timestamp": "unix seconds"}
     for a in contract.PERSON_ATTRIBUTES:
-        rows.append(f"| `{a.name}` | {kinds[a.kind]} | {a.doc} | {a.source} | {a.use_case} | {'yes' if a.nullable else ''} |")
+        rows.append(f"| `{a.name}` | {contract.ATTRIBUTE_KINDS[a.kind].customerio} | {a.doc} | {a.source} | {a.use_case} | {'yes' if a.nullable else ''} |")
     return "\n".join(rows) + "\n"
 
 

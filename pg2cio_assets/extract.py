@@ -17,6 +17,7 @@ import psycopg
 from psycopg import sql
 
 from pg2cio_assets import contract
+from pg2cio_assets.partitions import sql_bound
 from pg2cio_assets.pg import check_source
 from pg2cio_assets.schemas import ValidationError, frame_from_rows, validate_frame
 
@@ -37,6 +38,7 @@ class ExtractResult:
     rows_read: int  # rows of the window, as read from the source
     source_count: int  # SQL count of the window in the same snapshot
     rows_replaced: int  # older copies removed from the state table (this window, or superseded rows)
+    window_rows: int  # rows of the window in the state table after the write
     table_rows: int  # rows in the state table afterwards
     chunks: int
     seconds: float
@@ -47,7 +49,7 @@ def _idents(names) -> sql.Composed:
 
 
 def _state_column_type(col: contract.Column) -> str:
-    return col.pg_type.split(" NOT NULL")[0]
+    return contract.SOURCE_KINDS[col.kind].state_type
 
 
 def window_filter(rel: contract.Relation, source_schema: str) -> tuple[sql.Composed, sql.Composed]:
@@ -145,7 +147,7 @@ def extract_window(
 ) -> ExtractResult:
     """Replace the window [start, end) of `rel`'s extract in the state database with the source's rows."""
     began = time.perf_counter()
-    params = {"start": start, "end": end}
+    params = {"start": sql_bound(start), "end": end}
     where = f"{source_schema}.{rel.name} [{start.isoformat()}, {end.isoformat()})"
     needed = [rel] + ([contract.relation(rel.parent.relation)] if rel.parent else [])
     check_source(source, source_schema, needed)
@@ -169,7 +171,10 @@ def extract_window(
                 src_cur.itersize = chunk_rows
                 src_cur.execute(window_query(rel, source_schema), params)
                 while True:
-                    rows = src_cur.fetchmany(chunk_rows)
+                    try:
+                        rows = src_cur.fetchmany(chunk_rows)
+                    except psycopg.DataError as exc:  # e.g. a timestamp of 'infinity'
+                        raise ValidationError(f"{where}: a value cannot be read: {exc}".strip()) from None
                     if not rows:
                         break
                     chunks += 1
@@ -224,6 +229,10 @@ def extract_window(
                 scur.execute("DROP TABLE _replace_keys")
             scur.execute(sql.SQL("INSERT INTO {} SELECT * FROM _incoming").format(table))
             table_rows = scur.execute(sql.SQL("SELECT count(*) FROM {}").format(table)).fetchone()[0]
+            window_rows = scur.execute(
+                sql.SQL("SELECT count(*) FROM {} WHERE _partition_at >= %(start)s AND _partition_at < %(end)s").format(table),
+                params,
+            ).fetchone()[0]
     finally:
         source.read_only = False
         source.isolation_level = None
@@ -236,6 +245,7 @@ def extract_window(
         rows_read=rows_read,
         source_count=source_count,
         rows_replaced=replaced,
+        window_rows=window_rows,
         table_rows=table_rows,
         chunks=chunks,
         seconds=time.perf_counter() - began,

@@ -9,8 +9,9 @@ Rules (the README documents them from here):
   flagged `email_shared`, and guest rows under that email are quarantined, never guessed.
 - Any other usable guest email is one guest person, keyed by a hash of the normalized email
   and identified in Customer.io by `email`.
-- A guest email seen before its account existed yields one merge (primary id = customer_id,
-  secondary email): Customer.io may hold a guest profile for it.
+- A guest email seen before its account held it (before sign-up, or before the email change
+  that gave it to the account) yields one merge (primary id = customer_id, secondary email):
+  Customer.io may hold a guest profile for it.
 """
 
 from __future__ import annotations
@@ -27,12 +28,18 @@ REASON_NO_EMAIL = "no customer_id and no email"
 REASON_UNUSABLE = "no customer_id and an unusable email"
 REASON_SHARED = "no customer_id and an email shared by accounts"
 
-IDENTITY_MAP_COLUMNS = ["identifier_type", "identifier", "normalized", "person_key", "rule", "reason"]
-PEOPLE_COLUMNS = [
-    "person_key", "person_type", "customer_id", "email", "cio_identifier_type", "cio_identifier",
-    "first_name", "last_name", "email_consent", "sms_consent", "created_at", "deleted_at", "email_shared",
-]
-MERGE_COLUMNS = ["merge_id", "primary_id", "secondary_email", "guest_first_seen_at", "account_created_at"]
+# Output tables: (column, type in the state database); the frames carry these columns in order.
+IDENTITY_MAP_TABLE = [("identifier_type", "text"), ("identifier", "text"), ("normalized", "text"),
+                      ("person_key", "text"), ("rule", "text"), ("reason", "text")]
+PEOPLE_TABLE = [("person_key", "text"), ("person_type", "text"), ("customer_id", "text"), ("email", "text"),
+                ("cio_identifier_type", "text"), ("cio_identifier", "text"), ("first_name", "text"),
+                ("last_name", "text"), ("email_consent", "boolean"), ("sms_consent", "boolean"),
+                ("created_at", "timestamptz"), ("deleted_at", "timestamptz"), ("email_shared", "boolean")]
+MERGES_TABLE = [("merge_id", "text"), ("primary_id", "text"), ("secondary_email", "text"),
+                ("guest_first_seen_at", "timestamptz"), ("email_acquired_at", "timestamptz")]
+IDENTITY_MAP_COLUMNS = [c for c, _ in IDENTITY_MAP_TABLE]
+PEOPLE_COLUMNS = [c for c, _ in PEOPLE_TABLE]
+MERGE_COLUMNS = [c for c, _ in MERGES_TABLE]
 
 
 def normalize_email(raw: object) -> str | None:
@@ -53,6 +60,17 @@ class Identities:
     identity_map: pd.DataFrame  # IDENTITY_MAP_COLUMNS: one row per identifier seen
     people: pd.DataFrame  # PEOPLE_COLUMNS: one row per real person
     merges: pd.DataFrame  # MERGE_COLUMNS: guest profiles to fold into accounts
+
+    def check_failures(self) -> dict[str, list[str]]:
+        """What the blocking checks would fail on: duplicated customer_ids, unflagged shared emails."""
+        people = self.people
+        cust = people["customer_id"].dropna()
+        emails = people.dropna(subset=["email"])
+        clash = emails.groupby("email").filter(lambda g: len(g) > 1 and not g["email_shared"].all())
+        return {
+            "one_person_per_customer_id": sorted(cust[cust.duplicated()].unique().tolist()),
+            "no_email_on_two_people_unless_flagged": sorted(clash["email"].unique().tolist()),
+        }
 
     def counts(self) -> dict[str, int]:
         m = self.identity_map
@@ -81,6 +99,30 @@ def _email_owners(accounts: pd.DataFrame, email_changes: pd.DataFrame) -> pd.Dat
     return owners[owners["rank"] == best]
 
 
+def email_acquired_at(accounts: pd.DataFrame, email_changes: pd.DataFrame) -> dict[tuple[str, str], pd.Timestamp]:
+    """(customer_id, normalized email) -> when the account came to hold that email.
+
+    Its first email (the old_email of its earliest change, else its current one) it held
+    from sign-up; any other from the first change that gave it that email. Guest activity
+    under an email before that moment may have made a guest profile in Customer.io."""
+    created = accounts.set_index("customer_id")["created_at"]
+    first = {c: normalize_email(e) for c, e in zip(accounts["customer_id"], accounts["email"])}
+    out: dict[tuple[str, str], pd.Timestamp] = {}
+    changes = email_changes.sort_values(["customer_id", "changed_at"], kind="stable")
+    seen_first: set[str] = set()
+    for c, old, new, at in changes[["customer_id", "old_email", "new_email", "changed_at"]].itertuples(index=False, name=None):
+        if c not in seen_first:
+            seen_first.add(c)
+            first[c] = normalize_email(old)
+        new_norm = normalize_email(new)
+        if new_norm and (c, new_norm) not in out:
+            out[(c, new_norm)] = at
+    for c, e in first.items():
+        if e and c in created.index:
+            out[(c, e)] = created[c]
+    return out
+
+
 def resolve_identities(accounts: pd.DataFrame, email_changes: pd.DataFrame, guest_emails: pd.DataFrame) -> Identities:
     """Resolve accounts, their email history and the emails seen on guest rows into people.
 
@@ -95,7 +137,7 @@ def resolve_identities(accounts: pd.DataFrame, email_changes: pd.DataFrame, gues
         owner=("customer_id", "min"), owners=("customer_id", lambda s: sorted(set(s))), rank=("rank", "min")
     )
     claims["ambiguous"] = claims["owners"].map(len) > 1
-    shared_accounts = {c for owners_ in claims.loc[claims["ambiguous"] & (claims["rank"] == 1), "owners"] for c in owners_}
+    shared_accounts = {c for owners_ in claims.loc[claims["ambiguous"], "owners"] for c in owners_}
 
     # --- accounts -------------------------------------------------------------------------
     acc_norm = accounts["email"].map(normalize_email)
@@ -187,12 +229,16 @@ def resolve_identities(accounts: pd.DataFrame, email_changes: pd.DataFrame, gues
     )
     people = pd.concat([people_acc, people_guest], ignore_index=True)[PEOPLE_COLUMNS]
 
-    # --- merges: guest activity under an account's email before the account existed ---------
+    # --- merges: guest activity under an email before the account held it -------------------
     to_account = seen[seen["rule"].isin(["current_email", "previous_email"])]
     to_account = to_account.groupby(["person_key", "normalized"], as_index=False)["first_seen_at"].min()
+    acquired = email_acquired_at(accounts, email_changes)
     created = accounts.set_index("customer_id")["created_at"]
-    to_account["account_created_at"] = to_account["person_key"].map(created)
-    early = to_account[to_account["first_seen_at"] < to_account["account_created_at"]]
+    to_account["email_acquired_at"] = pd.to_datetime(
+        [acquired.get((c, e), created.get(c)) for c, e in zip(to_account["person_key"], to_account["normalized"])], utc=True
+    )
+    to_account["first_seen_at"] = pd.to_datetime(to_account["first_seen_at"], utc=True)
+    early = to_account[to_account["first_seen_at"] < to_account["email_acquired_at"]]
     merges = pd.DataFrame(
         {
             "merge_id": [
@@ -202,7 +248,7 @@ def resolve_identities(accounts: pd.DataFrame, email_changes: pd.DataFrame, gues
             "primary_id": early["person_key"].to_numpy(),
             "secondary_email": early["normalized"].to_numpy(),
             "guest_first_seen_at": early["first_seen_at"].to_numpy(),
-            "account_created_at": early["account_created_at"].to_numpy(),
+            "email_acquired_at": early["email_acquired_at"].to_numpy(),
         }
     ).sort_values("merge_id", ignore_index=True)
 

@@ -12,7 +12,7 @@ import psycopg
 from psycopg import sql
 
 from pg2cio_assets import contract
-from pg2cio_assets.settings import redact_url
+from pg2cio_assets.settings import redact_url, scrub
 
 
 class DatabaseUnavailable(RuntimeError):
@@ -28,10 +28,15 @@ def connect(url: str, what: str, *, autocommit: bool = False) -> psycopg.Connect
     try:
         conn = psycopg.connect(url, autocommit=autocommit, connect_timeout=10, application_name=f"pg2cio-{what}")
     except psycopg.OperationalError as exc:
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise DatabaseUnavailable(f"cannot connect to the {what} database at {redact_url(url)}: {reason}") from None
-    except psycopg.ProgrammingError as exc:  # a malformed URL
-        raise DatabaseUnavailable(f"the {what} database URL {redact_url(url)} is not valid: {exc}") from None
+        reason = " ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip()) or type(exc).__name__
+        raise DatabaseUnavailable(
+            f"cannot connect to the {what} database at {redact_url(url)}: {scrub(reason, url)}"
+        ) from None
+    except psycopg.ProgrammingError:  # malformed: libpq would quote the whole string, password included
+        raise DatabaseUnavailable(
+            f"the {what} database URL {redact_url(url)} is not a PostgreSQL connection string: "
+            "use postgresql://user:password@host:5432/dbname or key=value pairs"
+        ) from None
     conn.execute("SET timezone = 'UTC'")
     if not autocommit:
         conn.commit()
@@ -82,11 +87,11 @@ def check_source(conn: psycopg.Connection, schema: str, relations: list[contract
         for col in rel.columns:
             have = found.get(col.name)
             if have is None:
-                problems.append(f"{schema}.{rel.name} has no column {col.name!r} (contract type {col.pg_type.split()[0]})")
+                problems.append(f"{schema}.{rel.name} has no column {col.name!r} (contract type {col.pg_type})")
             elif have.data_type not in contract.ACCEPTED_TYPES[col.kind]:
                 problems.append(
                     f"{schema}.{rel.name}.{col.name} is {have.data_type}, the contract needs "
-                    f"{col.pg_type.split()[0]}: {contract.TYPE_HINTS[col.kind]}"
+                    f"{col.pg_type}: {contract.SOURCE_KINDS[col.kind].hint}"
                 )
     if problems:
         raise ContractError("the source does not match the pg2cio contract:\n  - " + "\n  - ".join(problems))

@@ -10,13 +10,14 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Sequence
 
+import numpy as np
 import pandas as pd
 import pandera.pandas as pa
 
 from pg2cio_assets import contract
 
-UTC_TS = pd.DatetimeTZDtype("ns", "UTC")
-_DTYPES = {"text": str, "integer": "int64", "money": "float64", "boolean": bool, "timestamp": UTC_TS}
+# Microseconds, like PostgreSQL: a sentinel such as 9999-12-31 fits (nanoseconds stop in 2262).
+UTC_TS = pd.DatetimeTZDtype("us", "UTC")
 MAX_EXAMPLES = 3
 
 
@@ -34,6 +35,8 @@ def _checks(col: contract.Column) -> list[pa.Check]:
         checks.append(pa.Check.isin(list(col.isin), error=f"must be one of {', '.join(col.isin)}"))
     if col.ge is not None:
         checks.append(pa.Check.ge(col.ge, error=f"must be >= {col.ge:g}"))
+    if col.kind == "money":
+        checks.append(pa.Check(lambda s: s.isna() | np.isfinite(s), element_wise=False, error="must be a finite amount"))
     if col.pattern is not None:
         checks.append(pa.Check.str_matches(f"^(?:{col.pattern})$", error=f"must match {col.pattern}"))
     return checks
@@ -45,7 +48,7 @@ def extract_schema(relation_name: str) -> pa.DataFrameSchema:
     rel = contract.relation(relation_name)
     return pa.DataFrameSchema(
         {
-            c.name: pa.Column(_DTYPES[c.kind], nullable=c.nullable, checks=_checks(c), description=c.doc or None)
+            c.name: pa.Column(str if c.kind == "text" else contract.SOURCE_KINDS[c.kind].pandas, nullable=c.nullable, checks=_checks(c), description=c.doc or None)
             for c in rel.columns
         },
         unique=list(rel.primary_key) or None,
@@ -61,7 +64,7 @@ def frame_from_rows(rel: contract.Relation, rows: Sequence[tuple]) -> pd.DataFra
     df = pd.DataFrame.from_records(rows, columns=list(rel.column_names))
     for col in rel.columns:
         if col.kind == "timestamp":
-            df[col.name] = pd.to_datetime(df[col.name], utc=True)
+            df[col.name] = pd.Series(df[col.name], dtype=UTC_TS)
         elif col.kind == "money":
             # Decimal -> float for validation only; the stored copy keeps the exact numeric.
             df[col.name] = pd.to_numeric(df[col.name], errors="coerce").astype("float64") if len(df) else df[col.name].astype("float64")

@@ -11,7 +11,6 @@ import re
 from dataclasses import dataclass
 from datetime import date
 from typing import Mapping
-from urllib.parse import urlsplit, urlunsplit
 
 SOURCE_URL = "PG2CIO_SOURCE_URL"
 SOURCE_SCHEMA = "PG2CIO_SOURCE_SCHEMA"
@@ -30,11 +29,11 @@ DEFAULT_STORE_CURRENCY = "USD"
 
 # Every variable pg2cio reads: (name, meaning, default). The README's table is generated from it.
 VARIABLES: tuple[tuple[str, str, str], ...] = (
-    (SOURCE_URL, "the commerce Postgres (read only: pg2cio never writes to it)", "none (the demo starts an embedded one)"),
+    (SOURCE_URL, "the commerce Postgres; pg2cio only reads the contract relations there", "none (the demo starts an embedded one)"),
     (SOURCE_SCHEMA, "schema holding the contract relations", DEFAULT_SOURCE_SCHEMA),
-    (STATE_URL, "where pg2cio keeps its tables (extracts, later the ledger)", SOURCE_URL),
+    (STATE_URL, "where pg2cio keeps its tables (extracts, identity, attributes, events); unset, they go to a schema of the source database", SOURCE_URL),
     (STATE_SCHEMA, "schema for pg2cio's tables in the state database", DEFAULT_STATE_SCHEMA),
-    (PARTITION_START, "first daily partition (UTC); rows older than this are never extracted", DEFAULT_PARTITION_START),
+    (PARTITION_START, "first daily partition (UTC); it also holds every older row", DEFAULT_PARTITION_START),
     (STORE_CURRENCY, "currency of lifetime_value and average_order_value; orders in others are counted apart", DEFAULT_STORE_CURRENCY),
     (ENABLE_EVENTS, "comma-separated contract events to switch on beyond the defaults (e.g. cart_updated)", "none"),
     (DISABLE_EVENTS, "comma-separated contract events to switch off", "none"),
@@ -51,19 +50,28 @@ class ConfigError(ValueError):
     """A configuration value is missing or malformed; the message says which and how to fix it."""
 
 
+def _secrets_in(url: str) -> list[str]:
+    """The password(s) a connection string carries, in URL or keyword form, however malformed."""
+    found = re.findall(r"(?i)password\s*=\s*'((?:[^'\\]|\\.)*)'", url)
+    found += re.findall(r"(?i)password\s*=\s*([^'\s&;]+)", url)
+    m = re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://([^/@?#]*)@", url)
+    if m and ":" in m.group(1):
+        found.append(m.group(1).split(":", 1)[1])
+    return [s for s in found if s]
+
+
 def redact_url(url: str) -> str:
-    """The URL with its password (and any password= parameter) replaced by ***."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable URL>"
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
-        user = userinfo.split(":", 1)[0]
-        netloc = f"{user}:***@{host}" if ":" in userinfo else f"{user}@{host}"
-    query = re.sub(r"(?i)(password=)[^&]*", r"\1***", parts.query)
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    """The connection string (URL or key=value form) with every password replaced by ***."""
+    out = re.sub(r"(?i)(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^'\s&;]+)", r"\1***", url)
+    out = re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/@?#:]*):[^/@?#]*@", r"\1:***@", out)
+    return out
+
+
+def scrub(text: str, url: str) -> str:
+    """`text` (an error message, say) with the URL's password and the URL itself made safe."""
+    for secret in sorted(_secrets_in(url), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text.replace(url, redact_url(url))
 
 
 def check_identifier(value: str, variable: str) -> str:

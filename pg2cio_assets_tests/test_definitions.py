@@ -29,10 +29,17 @@ def test_every_contract_relation_has_a_daily_single_run_extract_with_a_blocking_
         assert node.backfill_policy == dg.BackfillPolicy.single_run()
         assert node.group_name == "extract"
         assert dg.AssetKey(["commerce", rel.name]) in node.parent_keys
-        checks = [c for c in defs.resolve_all_asset_specs() if c.key == node.key]
-        assert checks, rel.name
-    checks_by_asset = {(k.asset_key.to_user_string(), k.name) for k in graph.asset_check_keys}
-    assert {(f"{r.name}_extract", WINDOW_CHECK) for r in contract.SOURCE_RELATIONS} <= checks_by_asset
+    blocking = _check_specs()
+    assert all(blocking[(f"{r.name}_extract", WINDOW_CHECK)] for r in contract.SOURCE_RELATIONS)
+
+
+def _check_specs() -> dict[tuple[str, str], bool]:
+    """(asset, check) -> blocking, for every check the code location declares."""
+    return {
+        (c.asset_key.to_user_string(), c.name): c.blocking
+        for a in defs.resolve_asset_graph().assets_defs
+        for c in a.check_specs
+    }
 
 
 def test_identity_attributes_and_events_stand_downstream_of_the_extracts_with_blocking_checks():
@@ -47,11 +54,12 @@ def test_identity_attributes_and_events_stand_downstream_of_the_extracts_with_bl
     assert isinstance(events.partitions_def, dg.DailyPartitionsDefinition)
     assert events.backfill_policy == dg.BackfillPolicy.single_run()
     assert {dg.AssetKey("people"), dg.AssetKey("orders_extract")} <= events.parent_keys
-    checks = {(k.asset_key.to_user_string(), k.name) for k in graph.asset_check_keys}
-    assert {("events", n) for n in ("ids_unique_and_valid_ulids", "names_in_contract",
-                                     "timestamps_inside_partition_window", "properties_have_contract_types")} <= checks
-    assert {("people", "one_person_per_customer_id"), ("people", "no_email_on_two_people_unless_flagged"),
-            ("person_attributes", "attributes_have_contract_types"), ("person_attributes", "no_negative_counts")} <= checks
+    checks = _check_specs()
+    expected = {("events", n) for n in ("ids_unique_and_valid_ulids", "names_in_contract",
+                                        "timestamps_inside_partition_window", "properties_have_contract_types")}
+    expected |= {("people", "one_person_per_customer_id"), ("people", "no_email_on_two_people_unless_flagged"),
+                 ("person_attributes", "attributes_have_contract_types"), ("person_attributes", "no_negative_counts")}
+    assert all(checks[key] for key in expected), "every check must be declared and blocking"
 
 
 def test_dagster_validates_the_workspace():

@@ -16,6 +16,7 @@ from pg2cio_assets.pg import DatabaseUnavailable
 from pg2cio_assets.resources import PostgresResource
 from pg2cio_assets.settings import ConfigError
 
+
 DAY = timedelta(days=1)
 D1 = "2026-11-20"
 
@@ -243,3 +244,42 @@ def test_an_unreachable_database_is_named_without_its_password():
     assert "source database" in message and "127.0.0.1:1" in message
     assert "s3cret-pw" not in message and "shop:***@" in message
 
+
+
+def test_the_first_partition_also_holds_every_older_row(seeded):
+    # A deployment whose partitions start after most accounts were last touched still sees them all.
+    assets = build_extract_assets(daily_partitions("2026-11-01"), seeded.state_schema)
+    dg.materialize(
+        assets, partition_key="2026-11-01", selection=["customers_extract"], instance=dg.DagsterInstance.ephemeral(),
+        resources={"source": PostgresResource(url=seeded.url, schema_name=seeded.source_schema),
+                   "state": PostgresResource(role="state", url=seeded.url, schema_name=seeded.state_schema)},
+    )
+    expected = source_window(seeded, contract.relation("customers"), datetime(1, 1, 1, tzinfo=timezone.utc), _day("2026-11-02"))
+    assert state_rows(seeded, contract.relation("customers")) == expected
+    assert len(expected) > 0.9 * seeded.store.manifest.rows["customers"]
+
+
+def test_far_future_sentinels_and_exact_money_survive_and_infinity_is_named(seeded, store_views):
+    store_views("orders", "SELECT order_id, cart_id, customer_id, email, currency, subtotal, discount_code, discount_total, "
+                "CASE WHEN order_id = (SELECT min(order_id) FROM {src}.orders WHERE updated_at >= '2026-11-20' "
+                "AND updated_at < '2026-11-21') THEN 12.345::numeric ELSE order_total END AS order_total, created_at, paid_at, "
+                "fulfilled_at, coalesce(canceled_at, '9999-12-31 00:00+00') AS canceled_at, updated_at FROM {src}.orders")
+    result = run_extracts(seeded, partition=D1, relations=["orders"], source_schema=store_views.schema)
+    assert result.success
+    with seeded.connect() as conn:
+        kept = conn.execute(sql.SQL("SELECT count(*) FILTER (WHERE canceled_at = '9999-12-31 00:00+00'), "
+                                    "count(*) FILTER (WHERE order_total = 12.345) FROM {}").format(
+            sql.Identifier(seeded.state_schema, "orders_extract"))).fetchone()
+    assert kept[0] > 0 and kept[1] == 1
+    store_views("refunds", "SELECT refund_id, order_id, amount, CASE WHEN refund_id = (SELECT min(refund_id) FROM "
+                "{src}.refunds) THEN '-infinity'::timestamptz ELSE refunded_at END AS refunded_at FROM {src}.refunds")
+    bad = run_extracts(seeded, partition="2024-01-01", relations=["refunds"], source_schema=store_views.schema, raise_on_error=False)
+    text = failure_text(bad)
+    assert f"{store_views.schema}.refunds" in text and "cannot be read" in text
+
+
+def test_a_keyword_dsn_or_malformed_url_never_shows_its_password():
+    for url in ("host=127.0.0.1 port=1 user=shop password=s3cret-pw dbname=x", "mysql://shop:s3cret-pw@127.0.0.1:1/x"):
+        with pytest.raises(DatabaseUnavailable) as err:
+            PostgresResource(role="source", url=url).connect()
+        assert "s3cret-pw" not in str(err.value) and "***" in str(err.value)

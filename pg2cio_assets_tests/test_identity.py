@@ -6,6 +6,7 @@ from datetime import datetime, timedelta, timezone
 
 import dagster as dg
 import pandas as pd
+import psycopg
 import pytest
 from psycopg import sql
 
@@ -106,6 +107,30 @@ def test_orders_without_customer_id_or_email_are_quarantined_with_a_reason(resol
     meta = next(e.materialization.metadata for e in result.get_asset_materialization_events()
                 if e.asset_key == dg.AssetKey("identity_map"))
     assert meta["quarantined_rows"].value == len(q) > 0
+    # Anonymous carts are normal shopping: counted, not quarantined.
+    anonymous = source_scalar(db, "SELECT count(*) FROM carts WHERE customer_id IS NULL AND email IS NULL")
+    assert meta["anonymous_carts"].value == anonymous > 0
+    assert not (q["relation"] == "carts").any()
+
+
+def test_a_subscription_of_an_unknown_customer_is_quarantined_not_lost(resolved):
+    db, _ = resolved
+    with db.connect() as conn:
+        conn.execute(sql.SQL("INSERT INTO {} SELECT 'sub_orphan', 'cus_gone', sku, interval_days, status, created_at, "
+                             "canceled_at, updated_at, _partition_at, _extracted_at, _run_id FROM {} LIMIT 1").format(
+            sql.Identifier(db.state_schema, "subscriptions_extract"), sql.Identifier(db.state_schema, "subscriptions_extract")))
+    assert resolve(db).success
+    q = table(db, "identity_quarantine")
+    assert q[q["row_key"] == "sub_orphan"]["reason"].tolist() == ["customer_id cus_gone is not among the customers"]
+
+
+def test_a_view_built_on_people_survives_a_rerun(resolved):
+    db, _ = resolved
+    with db.connect() as conn:
+        conn.execute(sql.SQL("CREATE VIEW {} AS SELECT person_key, email FROM {}").format(
+            sql.Identifier(db.state_schema, "my_people"), sql.Identifier(db.state_schema, "people")))
+    assert resolve(db).success
+    assert len(table(db, "my_people")) == len(table(db, "people")) > 0
 
 
 def test_lapse_flags_at_the_60_day_boundary(resolved):
@@ -116,7 +141,9 @@ def test_lapse_flags_at_the_60_day_boundary(resolved):
         assert attrs.at[customer_id, "last_order_at"] == int((AS_OF - timedelta(days=61)).timestamp())
     for customer_id in db.store.manifest.ids["active_59d"]:
         assert not attrs.at[customer_id, "is_lapsed_60d"] and attrs.at[customer_id, "is_lapsed_30d"]
-    assert attrs["is_lapsed_60d"].sum() >= db.store.manifest.lapsed_over_60d
+        assert attrs.at[customer_id, "last_order_at"] == int((AS_OF - timedelta(days=59)).timestamp())
+    accounts = attrs[attrs["person_type"] == "account"]
+    assert accounts["is_lapsed_60d"].sum() == db.store.manifest.lapsed_over_60d
 
 
 def test_two_accounts_sharing_an_email_stay_two_flagged_people(resolved):
@@ -226,7 +253,39 @@ def test_one_run_over_a_partition_range_takes_extracts_through_identity_attribut
     assert all(c.passed for c in result.get_asset_check_evaluations())
     people = table(seeded, "people")
     with seeded.connect() as conn:
-        accounts_in_window = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(
-            sql.Identifier(seeded.state_schema, "customers_extract"))).fetchone()[0]
-    assert (people["person_type"] == "account").sum() == accounts_in_window
+        updated_in_range = {r[0] for r in conn.execute(sql.SQL(
+            "SELECT customer_id FROM {} WHERE updated_at >= '2026-11-20' AND updated_at < '2026-11-23'"
+        ).format(sql.Identifier(seeded.source_schema, "customers"))).fetchall()}
+    assert set(people.loc[people["person_type"] == "account", "customer_id"]) == updated_in_range
     assert len(table(seeded, "person_attributes")) == len(people)
+
+
+def test_a_guest_email_an_account_takes_over_later_is_merged_into_it():
+    jan, feb, mar = (pd.Timestamp(f"2026-0{m}-01", tz="UTC") for m in (1, 2, 3))
+    accounts = pd.DataFrame({"customer_id": ["a"], "email": ["x@shop.io"], "first_name": None, "last_name": None,
+                             "email_consent": False, "sms_consent": False, "created_at": [jan], "deleted_at": pd.NaT})
+    changes = pd.DataFrame({"customer_id": ["a"], "old_email": ["y@shop.io"], "new_email": ["x@shop.io"], "changed_at": [mar]})
+    before = pd.DataFrame({"email": ["X@shop.io "], "first_seen_at": [feb]})  # guest checkout before the change
+    ids = resolve_identities(accounts, changes, before)
+    assert ids.merges[["primary_id", "secondary_email"]].values.tolist() == [["a", "x@shop.io"]]
+    assert (ids.people["person_type"] == "account").all()
+    after = pd.DataFrame({"email": ["x@shop.io"], "first_seen_at": [mar + pd.Timedelta(days=1)]})
+    assert resolve_identities(accounts, changes, after).merges.empty
+    original = pd.DataFrame({"email": ["y@shop.io"], "first_seen_at": [feb]})  # the first email, held since January
+    assert resolve_identities(accounts, changes, original).merges.empty
+
+
+def test_a_table_that_fails_its_checks_is_not_published(pg_url, new_schema):
+    from pg2cio_assets.state import publish
+
+    schema = new_schema("pub")
+    cols = [("person_key", "text"), ("orders_count", "bigint")]
+    with psycopg.connect(pg_url) as conn:
+        good = pd.DataFrame({"person_key": ["a"], "orders_count": [2]})
+        assert publish(conn, schema, "person_attributes", good, cols, passed=True) == f"{schema}.person_attributes"
+        bad = pd.DataFrame({"person_key": ["a"], "orders_count": [-1]})
+        assert publish(conn, schema, "person_attributes", bad, cols, passed=False) == f"{schema}.person_attributes_rejected"
+        live = conn.execute(sql.SQL("SELECT orders_count FROM {}").format(sql.Identifier(schema, "person_attributes"))).fetchall()
+        rejected = conn.execute(sql.SQL("SELECT orders_count FROM {}").format(
+            sql.Identifier(schema, "person_attributes_rejected"))).fetchall()
+    assert live == [(2,)] and rejected == [(-1,)]

@@ -44,6 +44,9 @@ def test_redact_url_hides_passwords_in_userinfo_and_parameters():
     assert settings.redact_url("postgresql://shop:pw@db:5432/x") == "postgresql://shop:***@db:5432/x"
     assert settings.redact_url("postgresql://db/x?user=a&password=pw") == "postgresql://db/x?user=a&password=***"
     assert settings.redact_url("postgresql://shop@db/x") == "postgresql://shop@db/x"
+    assert settings.redact_url("host=db password=pw dbname=x") == "host=db password=*** dbname=x"
+    assert settings.redact_url("host=db password='p w' dbname=x") == "host=db password=*** dbname=x"
+    assert settings.scrub('missing "=" after "mysql://u:pw@db/x"', "mysql://u:pw@db/x") == 'missing "=" after "mysql://u:***@db/x"'
 
 
 @pytest.mark.parametrize(

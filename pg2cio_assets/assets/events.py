@@ -7,6 +7,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from pg2cio_assets import events as ev
+from pg2cio_assets.partitions import run_window, sql_bound
 from pg2cio_assets.resources import PostgresResource
 from pg2cio_assets.state import read_frame
 
@@ -56,13 +57,14 @@ def build_events_asset(partitions: dg.PartitionsDefinition, enable: tuple[str, .
         description=(
             "One row per behavioural event (" + ", ".join(e.name for e in enabled) + "), each explained by one "
             "source row: person and Customer.io identifier from identity resolution, deterministic ULID, unix "
-            "timestamp of when it happened, typed properties. Daily partitions on when it happened; rerunning a "
-            "window replaces it. Facts that cannot become an event are in pg2cio.events_quarantine with a reason."
+            "timestamp of when it happened, typed properties. Daily partitions on when it happened (the first also "
+            "holds everything older); rerunning a window replaces it. Facts that cannot become an event are in "
+            "events_quarantine (state schema) with a reason."
         ),
     )
     def events(context: AssetExecutionContext, state: PostgresResource) -> dg.MaterializeResult:
-        window = context.partition_time_window
-        params = {"start": window.start, "end": window.end}
+        start, end = run_window(context, partitions)
+        params = {"start": sql_bound(start), "end": end}
         schema = state.schema_name
         built, held = [], []
         with state.connect() as conn:
@@ -94,7 +96,7 @@ def build_events_asset(partitions: dg.PartitionsDefinition, enable: tuple[str, .
                         names["quarantine"], sql.SQL(", ").join(map(sql.Identifier, ev.QUARANTINE_COLUMNS + ["_run_id"])))) as copy:
                     for row in all_held.itertuples(index=False, name=None):
                         copy.write_row((*row, run_id))
-        checks = ev.check_events(all_events, window.start, window.end)
+        checks = ev.check_events(all_events, start, end)
         per_name = all_events["name"].value_counts().to_dict()
         reasons = all_held["reason"].value_counts().to_dict()
         if reasons:
@@ -105,8 +107,8 @@ def build_events_asset(partitions: dg.PartitionsDefinition, enable: tuple[str, .
                 "events_by_name": dg.MetadataValue.json({k: int(v) for k, v in sorted(per_name.items())}),
                 "quarantined": len(all_held),
                 "quarantined_by_reason": dg.MetadataValue.json({k: int(v) for k, v in reasons.items()}),
-                "window_start": window.start.isoformat(),
-                "window_end": window.end.isoformat(),
+                "window_start": start.isoformat(),
+                "window_end": end.isoformat(),
                 "enabled_events": ", ".join(e.name for e in enabled),
             },
             check_results=[dg.AssetCheckResult(check_name=name, passed=bool(passed), metadata=meta)

@@ -10,11 +10,10 @@ from dagster import AssetExecutionContext
 
 from pg2cio_assets import contract
 from pg2cio_assets.extract import extract_window, state_table_name
+from pg2cio_assets.partitions import run_window
 from pg2cio_assets.resources import PostgresResource
 
 WINDOW_CHECK = "window_matches_source"
-
-_TABLE_TYPES = {"text": "text", "integer": "integer", "money": "numeric", "boolean": "boolean", "timestamp": "timestamptz"}
 
 
 def source_key(rel: contract.Relation) -> dg.AssetKey:
@@ -25,7 +24,7 @@ def column_schema(rel: contract.Relation) -> dg.TableSchema:
     cols = [
         dg.TableColumn(
             name=c.name,
-            type=_TABLE_TYPES[c.kind],
+            type=contract.SOURCE_KINDS[c.kind].state_type,
             description=c.doc or None,
             constraints=dg.TableColumnConstraints(nullable=c.nullable, unique=rel.primary_key == (c.name,)),
         )
@@ -54,7 +53,8 @@ def _describe(rel: contract.Relation, state_schema: str) -> str:
         else f"`{rel.partition_column}`"
     )
     return (
-        f"{rel.doc}\n\nRows of `commerce.{rel.name}`, placed in daily partitions by {placed}, "
+        f"{rel.doc}\n\nRows of the store's `{rel.name}`, placed in daily partitions by {placed} (the first "
+        "partition also holds everything older), "
         f"validated against the contract and kept in `{state_schema}.{state_table_name(rel)}`. "
         "Rematerializing a partition replaces it; a row that changed since replaces its older copy."
     )
@@ -83,13 +83,14 @@ def build_extract_asset(
                 WINDOW_CHECK,
                 asset=name,
                 blocking=True,
-                description="The extract holds exactly the rows a SQL count of the window finds in the source.",
+                description="After the write, the extract table holds exactly as many rows in the window as a SQL "
+                "count of the same window finds in the source snapshot.",
             )
         ],
     )
     def _extract(context: AssetExecutionContext, source: PostgresResource, state: PostgresResource) -> dg.MaterializeResult:
-        window = context.partition_time_window
-        context.log.info(f"extracting {rel.name} for [{window.start.isoformat()}, {window.end.isoformat()})")
+        start, end = run_window(context, partitions)
+        context.log.info(f"extracting {rel.name} for [{start.isoformat()}, {end.isoformat()})")
         with source.connect() as src, state.connect() as dst:
             res = extract_window(
                 src,
@@ -97,8 +98,8 @@ def build_extract_asset(
                 rel,
                 source_schema=source.schema_name,
                 state_schema=state.schema_name,
-                start=window.start,
-                end=window.end,
+                start=start,
+                end=end,
                 run_id=context.run.run_id,
                 log=context.log.info,
             )
@@ -119,8 +120,8 @@ def build_extract_asset(
             check_results=[
                 dg.AssetCheckResult(
                     check_name=WINDOW_CHECK,
-                    passed=res.rows_read == res.source_count,
-                    metadata={"rows_written": res.rows_read, "rows_in_source_window": res.source_count},
+                    passed=res.window_rows == res.source_count,
+                    metadata={"rows_in_extract_window": res.window_rows, "rows_in_source_window": res.source_count},
                 )
             ],
         )

@@ -15,19 +15,11 @@ from psycopg import sql
 
 from pg2cio_assets import attributes, contract, identity
 from pg2cio_assets.resources import PostgresResource
-from pg2cio_assets.state import read_frame, replace_table
+from pg2cio_assets.state import publish, read_frame, replace_table
 
 IDENTITY_INPUTS = ["customers", "customer_email_changes", "orders", "carts"]
 ATTRIBUTE_INPUTS = ["orders", "order_items", "refunds", "subscriptions"]
 
-IDENTITY_MAP_TYPES = [("identifier_type", "text"), ("identifier", "text"), ("normalized", "text"),
-                      ("person_key", "text"), ("rule", "text"), ("reason", "text")]
-PEOPLE_TYPES = [("person_key", "text"), ("person_type", "text"), ("customer_id", "text"), ("email", "text"),
-                ("cio_identifier_type", "text"), ("cio_identifier", "text"), ("first_name", "text"),
-                ("last_name", "text"), ("email_consent", "boolean"), ("sms_consent", "boolean"),
-                ("created_at", "timestamptz"), ("deleted_at", "timestamptz"), ("email_shared", "boolean")]
-MERGE_TYPES = [("merge_id", "text"), ("primary_id", "text"), ("secondary_email", "text"),
-               ("guest_first_seen_at", "timestamptz"), ("account_created_at", "timestamptz")]
 QUARANTINE_TYPES = [("relation", "text"), ("row_key", "text"), ("email", "text"), ("reason", "text")]
 
 
@@ -57,8 +49,15 @@ def _identity_inputs(conn, schema: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.
 
 
 def _quarantine_sql(schema: str) -> sql.Composed:
-    """Guest rows no person owns, and rows naming a customer_id that is not an account."""
+    """Rows no person owns: orders with neither customer_id nor a resolvable email, guest rows
+    under an ambiguous or unusable email, and rows naming a customer_id that is not an account.
+    A cart with neither (an anonymous shopper) is normal and only counted, see _anonymous_carts_sql."""
     t = lambda name: sql.Identifier(schema, name)  # noqa: E731
+    orphan = lambda rel, key: sql.SQL(  # noqa: E731
+        "SELECT {rel_name}, r.{key}, r.email, 'customer_id ' || r.customer_id || ' is not among the customers' "
+        "FROM {rel} r WHERE r.customer_id IS NOT NULL "
+        "AND NOT EXISTS (SELECT 1 FROM {customers} c WHERE c.customer_id = r.customer_id)"
+    ).format(rel_name=sql.Literal(rel), key=sql.Identifier(key), rel=t(f"{rel}_extract"), customers=t("customers_extract"))
     return sql.SQL(
         """
         INSERT INTO {q} (relation, row_key, email, reason)
@@ -66,18 +65,23 @@ def _quarantine_sql(schema: str) -> sql.Composed:
         FROM {orders} o LEFT JOIN {map} m ON m.identifier_type = 'email' AND m.identifier = o.email
         WHERE o.customer_id IS NULL AND m.person_key IS NULL
         UNION ALL
-        SELECT 'carts', c.cart_id, c.email, coalesce(m.reason, {no_email})
-        FROM {carts} c LEFT JOIN {map} m ON m.identifier_type = 'email' AND m.identifier = c.email
+        SELECT 'carts', c.cart_id, c.email, m.reason
+        FROM {carts} c JOIN {map} m ON m.identifier_type = 'email' AND m.identifier = c.email
         WHERE c.customer_id IS NULL AND m.person_key IS NULL
-        UNION ALL
-        SELECT 'orders', o.order_id, o.email, 'customer_id ' || o.customer_id || ' is not among the customers'
-        FROM {orders} o WHERE o.customer_id IS NOT NULL
-          AND NOT EXISTS (SELECT 1 FROM {customers} c WHERE c.customer_id = o.customer_id)
+        UNION ALL {orphan_orders} UNION ALL {orphan_carts}
+        UNION ALL SELECT 'subscriptions', s.subscription_id, NULL, 'customer_id ' || s.customer_id || ' is not among the customers'
+        FROM {subs} s WHERE NOT EXISTS (SELECT 1 FROM {customers} c WHERE c.customer_id = s.customer_id)
         """
     ).format(
-        q=t("identity_quarantine"), orders=t("orders_extract"), carts=t("carts_extract"),
+        q=t("identity_quarantine"), orders=t("orders_extract"), carts=t("carts_extract"), subs=t("subscriptions_extract"),
         customers=t("customers_extract"), map=t("identity_map"), no_email=sql.Literal(identity.REASON_NO_EMAIL),
+        orphan_orders=orphan("orders", "order_id"), orphan_carts=orphan("carts", "cart_id"),
     )
+
+
+def _anonymous_carts_sql(schema: str) -> sql.Composed:
+    return sql.SQL("SELECT count(*) FROM {} WHERE customer_id IS NULL AND email IS NULL").format(
+        sql.Identifier(schema, "carts_extract"))
 
 
 def _markdown(df: pd.DataFrame, limit: int = 10) -> str:
@@ -93,17 +97,19 @@ def _markdown(df: pd.DataFrame, limit: int = 10) -> str:
     specs=[
         dg.AssetSpec("identity_map", group_name="identity", kinds={"postgres", "pandas"},
                      deps=[_extract_key(r) for r in IDENTITY_INPUTS],
-                     description="Every customer_id and every email seen (as typed) -> the person it belongs to, "
-                                 "with the rule that decided it, or the reason none does. Table pg2cio.identity_map; "
-                                 "rows no person owns are listed in pg2cio.identity_quarantine."),
+                     description="Every customer_id and every email seen -> the person it belongs to, with the "
+                                 "rule that decided it, or the reason none does (guest emails as typed, account emails "
+                                 "normalized). Table identity_map in the state schema; rows no person owns are listed "
+                                 "in identity_quarantine."),
         dg.AssetSpec("people", group_name="identity", kinds={"postgres", "pandas"},
                      deps=[_extract_key(r) for r in IDENTITY_INPUTS],
                      description="One row per real person: each account (Customer.io `id` = customer_id) and each "
-                                 "guest email no account claims (identified by `email`). Table pg2cio.people."),
+                                 "guest email no account claims (identified by `email`). Table people in the state schema."),
         dg.AssetSpec("identity_merges", group_name="identity", kinds={"postgres", "pandas"},
                      deps=[_extract_key(r) for r in IDENTITY_INPUTS],
                      description="Guest profiles to fold into the account that registered later: primary id = "
-                                 "customer_id, secondary email. The sync sends each once. Table pg2cio.identity_merges."),
+                                 "customer_id, secondary email. The sync sends each once. Table identity_merges in the "
+                                 "state schema."),
     ],
     check_specs=[
         dg.AssetCheckSpec("one_person_per_customer_id", asset="people", blocking=True,
@@ -119,43 +125,50 @@ def identity_assets(context: AssetExecutionContext, state: PostgresResource):
         context.log.info(f"resolving {len(accounts):,} accounts, {len(changes):,} email changes, "
                          f"{len(guests):,} distinct guest emails")
         ids = identity.resolve_identities(accounts, changes, guests)
+        failures = ids.check_failures()
+        passed = not any(failures.values())
+        if not passed:
+            context.log.error(f"identity checks failed, the published tables are left as they were: {failures}")
         with conn.transaction():
-            replace_table(conn, schema, "identity_map", ids.identity_map, IDENTITY_MAP_TYPES,
-                          unique=("identifier_type", "identifier"), indexes=[("person_key",)])
-            replace_table(conn, schema, "people", ids.people, PEOPLE_TYPES, unique=("person_key",), indexes=[("email",)])
-            replace_table(conn, schema, "identity_merges", ids.merges, MERGE_TYPES, unique=("merge_id",))
-            replace_table(conn, schema, "identity_quarantine", pd.DataFrame(columns=[c for c, _ in QUARANTINE_TYPES]),
-                          QUARANTINE_TYPES, indexes=[("relation", "row_key")])
-            conn.execute(_quarantine_sql(schema))
+            written = [
+                publish(conn, schema, "identity_map", ids.identity_map, identity.IDENTITY_MAP_TABLE, passed=passed,
+                        unique=("identifier_type", "identifier"), indexes=[("person_key",)]),
+                publish(conn, schema, "people", ids.people, identity.PEOPLE_TABLE, passed=passed,
+                        unique=("person_key",), indexes=[("email",)]),
+                publish(conn, schema, "identity_merges", ids.merges, identity.MERGES_TABLE, passed=passed, unique=("merge_id",)),
+            ]
+            if passed:
+                replace_table(conn, schema, "identity_quarantine", pd.DataFrame(columns=[c for c, _ in QUARANTINE_TYPES]),
+                              QUARANTINE_TYPES, indexes=[("relation", "row_key")])
+                conn.execute(_quarantine_sql(schema))
             quarantine = read_frame(conn, sql.SQL(
                 "SELECT relation, reason, count(*) AS rows FROM {} GROUP BY 1, 2 ORDER BY 3 DESC"
             ).format(sql.Identifier(schema, "identity_quarantine")))
+            anonymous_carts = conn.execute(_anonymous_carts_sql(schema)).fetchone()[0]
     counts = ids.counts()
     quarantined = int(quarantine["rows"].sum()) if len(quarantine) else 0
     if quarantined:
         context.log.warning(f"{quarantined:,} rows belong to no person and were quarantined:\n{_markdown(quarantine)}")
-    context.log.info(f"identity: {counts}")
+    context.log.info(f"identity: {counts}; {anonymous_carts:,} anonymous carts (no customer_id, no email)")
 
-    people = ids.people
-    cust = people["customer_id"].dropna()
-    dup_customers = cust[cust.duplicated()].unique().tolist()
-    emails = people.dropna(subset=["email"])
-    clash = emails.groupby("email").filter(lambda g: len(g) > 1 and not g["email_shared"].all())
     yield dg.MaterializeResult(asset_key="identity_map", metadata={
         "dagster/row_count": len(ids.identity_map),
+        "published": passed,
+        "written_to": written[0],
         "unresolved_emails": counts["unresolved_emails"],
         "quarantined_rows": quarantined,
         "quarantine_by_reason": dg.MetadataValue.md(_markdown(quarantine)),
+        "anonymous_carts": int(anonymous_carts),
     })
     yield dg.MaterializeResult(asset_key="people", metadata={
         "dagster/row_count": counts["people"], "accounts": counts["accounts"], "guests": counts["guests"],
-        "accounts_sharing_an_email": counts["accounts_sharing_an_email"],
+        "accounts_sharing_an_email": counts["accounts_sharing_an_email"], "published": passed, "written_to": written[1],
     })
-    yield dg.MaterializeResult(asset_key="identity_merges", metadata={"dagster/row_count": counts["merges"]})
-    yield dg.AssetCheckResult(asset_key="people", check_name="one_person_per_customer_id", passed=not dup_customers,
-                              metadata={"duplicated_customer_ids": dg.MetadataValue.json(dup_customers[:20])})
-    yield dg.AssetCheckResult(asset_key="people", check_name="no_email_on_two_people_unless_flagged", passed=clash.empty,
-                              metadata={"unflagged_shared_emails": int(clash["email"].nunique())})
+    yield dg.MaterializeResult(asset_key="identity_merges", metadata={
+        "dagster/row_count": counts["merges"], "published": passed, "written_to": written[2]})
+    for name, bad in failures.items():
+        yield dg.AssetCheckResult(asset_key="people", check_name=name, passed=not bad,
+                                  metadata={"failing": len(bad), "examples": dg.MetadataValue.json(bad[:20])})
 
 
 class AttributesConfig(dg.Config):
@@ -180,10 +193,16 @@ COUNTS_CHECK = "no_negative_counts"
 def person_attributes(context: AssetExecutionContext, config: AttributesConfig, state: PostgresResource) -> dg.MaterializeResult:
     """One row per person with every contract attribute (LTV, counts, first/last order, categories,
     lapse flags, consents, subscriptions) in its Customer.io type. Guest orders that resolve to
-    an account count for that account. Table pg2cio.person_attributes."""
-    from pg2cio_assets.settings import Settings
+    an account count for that account. Table person_attributes in the state schema; when a
+    check fails the published table is left as it was and the candidate goes to
+    person_attributes_rejected."""
+    from pg2cio_assets.settings import ConfigError, Settings
 
-    as_of = datetime.fromisoformat(config.as_of) if config.as_of else datetime.now(timezone.utc)
+    try:
+        as_of = datetime.fromisoformat(config.as_of) if config.as_of else datetime.now(timezone.utc)
+    except ValueError:
+        raise ConfigError(f"person_attributes config as_of={config.as_of!r} is not an ISO-8601 instant "
+                          "(e.g. 2026-11-30T00:00:00+00:00)") from None
     if as_of.tzinfo is None:
         as_of = as_of.replace(tzinfo=timezone.utc)
     currency = Settings.from_env().store_currency
@@ -192,10 +211,15 @@ def person_attributes(context: AssetExecutionContext, config: AttributesConfig, 
         people = read_frame(conn, sql.SQL("SELECT * FROM {}").format(sql.Identifier(schema, "people")))
         aggregates = read_frame(conn, attributes.aggregates_query(schema), {"currency": currency})
         df = attributes.build_person_attributes(people, aggregates, as_of)
-        replace_table(conn, schema, "person_attributes", df, attributes.table_columns(), unique=("person_key",))
-    failures = attributes.type_failures(df)
-    count_cols = [a.name for a in contract.PERSON_ATTRIBUTES if a.kind == "integer"]
-    negative = {c: int((df[c] < 0).sum()) for c in count_cols if (df[c] < 0).any()}
+        failures = attributes.type_failures(df)
+        count_cols = [a.name for a in contract.PERSON_ATTRIBUTES if a.kind == "integer"]
+        negative = {c: int((df[c] < 0).sum()) for c in count_cols if (df[c] < 0).any()}
+        passed = failures.empty and not negative
+        if not passed:
+            context.log.error("person_attributes failed its checks; the published table is left as it was and the "
+                              f"candidate is in person_attributes_rejected:\n{_markdown(failures)}")
+        written = publish(conn, schema, "person_attributes", df, attributes.table_columns(), passed=passed,
+                          unique=("person_key",))
     foreign = int((df["other_currency_orders_count"] > 0).sum())
     if foreign:
         context.log.warning(f"{foreign} people have orders outside {currency}; those orders are left out of "
@@ -204,6 +228,8 @@ def person_attributes(context: AssetExecutionContext, config: AttributesConfig, 
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": len(df),
+            "published": passed,
+            "written_to": written,
             "as_of": as_of.isoformat(),
             "store_currency": currency,
             "people_with_other_currency_orders": foreign,

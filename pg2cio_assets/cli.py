@@ -4,6 +4,7 @@
     pg2cio check-source                        # does $PG2CIO_SOURCE_URL provide the contract?
     pg2cio demo                                # embedded Postgres + seeded store + Dagster UI
     pg2cio materialize --days 3                # one run of every asset over the last 3 days
+    pg2cio emulator --port 8765                # the Customer.io Track API emulator
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     home.mkdir(parents=True, exist_ok=True)
     os.chmod(home, 0o755)  # the server account must be able to reach its data dir below
     server = EmbeddedPostgres(home / "pgdata", durable=True).start()
+    emulator = None
     _say(f"embedded PostgreSQL running on 127.0.0.1:{server.port} (data in {home / 'pgdata'})")
     try:
         _ensure_database(server.url(), DEMO_DATABASE)
@@ -129,11 +131,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             DAGSTER_HOME=str(dagster_home),
         )
         env.pop("PG2CIO_STATE_URL", None)  # state lives beside the demo store
+        from pg2cio_assets.cio_emulator import CustomerIOEmulator
+
+        emulator = CustomerIOEmulator(site_id="demo-site", api_key="demo-key", port=args.emulator_port).start()
+        _say(f"Customer.io emulator on {emulator.url} (people: {emulator.url}/_emulator/people)")
+        env.update(CUSTOMERIO_TRACK_URL=emulator.url, CUSTOMERIO_SITE_ID="demo-site", CUSTOMERIO_API_KEY="demo-key")
+        env.pop("PG2CIO_DRY_RUN", None)
         if args.days > 0:
             _say(f"materializing every asset for the last {args.days} day(s), as one run recorded in the instance")
             subprocess.run([sys.executable, "-m", "pg2cio_assets.cli", "materialize", "--days", str(args.days)],
                            env=env, check=True)
         if args.no_ui:
+            stats = emulator.stats()
+            _say(f"Customer.io emulator holds {len(emulator.people()):,} people and {len(emulator.events()):,} events "
+                 f"({stats['requests']:,} requests)")
             _say("environment ready; --no-ui given, stopping here")
             return 0
         _say(f"starting the Dagster webserver and daemon: open http://{args.host}:{args.port}")
@@ -152,6 +163,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                 proc.kill()
                 return proc.wait()
     finally:
+        if emulator is not None:
+            emulator.stop()
         server.stop()
         _say("embedded PostgreSQL stopped")
 
@@ -190,6 +203,13 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
     return 0 if result.success else 1
 
 
+def _cmd_emulator(args: argparse.Namespace) -> int:
+    from pg2cio_assets.cio_emulator import serve
+
+    serve(args.host, args.port, args.site_id, args.api_key)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pg2cio", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -212,10 +232,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reseed", action="store_true", help="regenerate the demo store")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=3000)
+    p.add_argument("--emulator-port", type=int, default=8765, help="port of the Customer.io emulator (default %(default)s)")
     p.add_argument("--days", type=int, default=30,
                    help="materialize the last N days first, so the UI opens on data (0: skip; default %(default)s)")
     p.add_argument("--no-ui", action="store_true", help="prepare Postgres, the store and the first run, then stop")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("emulator", help="run the Customer.io Track API emulator in the foreground")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--site-id", default="emulator-site")
+    p.add_argument("--api-key", default="emulator-key")
+    p.set_defaults(func=_cmd_emulator)
 
     p = sub.add_parser("materialize", help="one run of every asset over the last N days, recorded in $DAGSTER_HOME's instance")
     p.add_argument("--days", type=int, default=1, help="how many daily partitions, ending today (default %(default)s)")

@@ -14,6 +14,7 @@ warnings.filterwarnings("ignore", category=dg.PreviewWarning)
 from pg2cio_assets.assets.extract import build_extract_assets, source_specs
 from pg2cio_assets.assets.events import build_events_asset
 from pg2cio_assets.assets.identity import identity_assets, person_attributes
+from pg2cio_assets.assets.sync import build_events_sync_asset, customerio_people_sync, delivery_report
 from pg2cio_assets.partitions import daily_partitions
 from pg2cio_assets.resources import resources_for
 from pg2cio_assets.settings import Settings
@@ -27,6 +28,9 @@ ASSETS = [
     identity_assets,
     person_attributes,
     build_events_asset(DAILY, SETTINGS.enable_events, SETTINGS.disable_events),
+    customerio_people_sync,
+    build_events_sync_asset(DAILY),
+    delivery_report,
 ]
 RESOURCES = resources_for(SETTINGS)
 

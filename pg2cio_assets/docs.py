@@ -12,7 +12,7 @@ import re
 import sys
 from pathlib import Path
 
-from pg2cio_assets import contract, identity, settings
+from pg2cio_assets import contract, customerio, identity, settings
 from pg2cio_assets.extract import state_table_name
 from pg2cio_assets.seed import EdgeCasePlan
 
@@ -95,6 +95,12 @@ def taxonomy_table() -> str:
     return "\n".join(rows) + "\n"
 
 
+def limits_table() -> str:
+    rows = ["| Customer.io limit | pg2cio checks |", "| --- | --- |"]
+    rows += [f"| {what} | {limit} |" for what, limit in customerio.LIMITS]
+    return "\n".join(rows) + "\n"
+
+
 def use_cases_table() -> str:
     rows = ["| use case | what it drives | latency target |", "| --- | --- | --- |"]
     for u in contract.USE_CASES.values():
@@ -112,6 +118,7 @@ BLOCKS = {
     "attributes": attributes_table,
     "use_cases": use_cases_table,
     "taxonomy": taxonomy_table,
+    "limits": limits_table,
 }
 
 

@@ -19,11 +19,9 @@ import pandas as pd
 from psycopg import sql
 
 from pg2cio_assets import contract, ulid
+from pg2cio_assets.customerio import MAX_EVENT_DATA_BYTES, MAX_OP_BYTES
 
-# Customer.io Track API limits (customerio_facts.md): event data and one op in a v2 batch.
-MAX_EVENT_DATA_BYTES = 100_000
-MAX_OP_BYTES = 32_000
-OP_ENVELOPE_BYTES = 200  # type, action, identifiers, name, id, timestamp around the data
+OP_ENVELOPE_BYTES = 200  # type, action, identifiers, name, id, timestamp around the event data
 
 EVENT_COLUMNS = [
     "event_id", "name", "person_key", "cio_identifier_type", "cio_identifier", "occurred_at", "timestamp",

@@ -6,6 +6,7 @@ configuration or the Dagster UI; tests pass explicit URLs instead.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import dagster as dg
@@ -44,4 +45,47 @@ def resources_for(cfg: settings.Settings, env: str = "default") -> dict[str, obj
         "state": PostgresResource(
             role="state", url_env=settings.STATE_URL, fallback_env=settings.SOURCE_URL, schema_name=cfg.state_schema
         ),
+        "customerio": CustomerIOResource(),
     }
+
+
+class CustomerIOResource(dg.ConfigurableResource):
+    """The Customer.io Track API. Credentials come from CUSTOMERIO_SITE_ID / CUSTOMERIO_API_KEY
+    when the run starts (explicit values are for tests); they only ever travel in the
+    Authorization header."""
+
+    track_url: Optional[str] = None  # default: $CUSTOMERIO_TRACK_URL, else https://track.customer.io
+    site_id: Optional[str] = None
+    api_key: Optional[str] = None
+    rate_per_second: float = 100.0
+    max_retries: int = 6
+    backoff_base_seconds: float = 0.5
+    dry_run: Optional[bool] = None  # default: $PG2CIO_DRY_RUN
+    erase_action: Optional[str] = None  # default: $PG2CIO_ERASURE_ACTION, else delete
+
+    def is_dry_run(self) -> bool:
+        return self.dry_run if self.dry_run is not None else settings.Settings.from_env().dry_run
+
+    def erasure(self) -> str:
+        action = self.erase_action or os.environ.get(settings.ERASURE_ACTION, "").strip() or "delete"
+        if action not in ("delete", "suppress"):
+            raise settings.ConfigError(f"{settings.ERASURE_ACTION}={action!r}: use delete or suppress")
+        return action
+
+    def client(self, log=lambda _m: None):
+        """A TrackClient, or None in a dry run (nothing may be sent)."""
+        from pg2cio_assets.customerio import TrackClient
+
+        if self.is_dry_run():
+            return None
+        url = self.track_url or os.environ.get(settings.CIO_TRACK_URL, "").strip() or settings.DEFAULT_TRACK_URL
+        site_id = self.site_id or os.environ.get(settings.CIO_SITE_ID, "").strip()
+        api_key = self.api_key or os.environ.get(settings.CIO_API_KEY, "").strip()
+        missing = [n for n, v in ((settings.CIO_SITE_ID, site_id), (settings.CIO_API_KEY, api_key)) if not v]
+        if missing:
+            raise settings.ConfigError(
+                f"{' and '.join(missing)} not set: use a Track API key of your workspace, or set "
+                f"{settings.DRY_RUN}=1 to build and record payloads without sending"
+            )
+        return TrackClient(url, site_id, api_key, rate_per_second=self.rate_per_second, max_retries=self.max_retries,
+                           backoff_base=self.backoff_base_seconds, log=log)

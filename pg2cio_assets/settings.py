@@ -21,6 +21,11 @@ DRY_RUN = "PG2CIO_DRY_RUN"
 STORE_CURRENCY = "PG2CIO_STORE_CURRENCY"
 ENABLE_EVENTS = "PG2CIO_ENABLE_EVENTS"
 DISABLE_EVENTS = "PG2CIO_DISABLE_EVENTS"
+ERASURE_ACTION = "PG2CIO_ERASURE_ACTION"
+CIO_SITE_ID = "CUSTOMERIO_SITE_ID"
+CIO_API_KEY = "CUSTOMERIO_API_KEY"
+CIO_TRACK_URL = "CUSTOMERIO_TRACK_URL"
+DEFAULT_TRACK_URL = "https://track.customer.io"
 
 DEFAULT_SOURCE_SCHEMA = "commerce"
 DEFAULT_STATE_SCHEMA = "pg2cio"
@@ -38,6 +43,9 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
     (ENABLE_EVENTS, "comma-separated contract events to switch on beyond the defaults (e.g. cart_updated)", "none"),
     (DISABLE_EVENTS, "comma-separated contract events to switch off", "none"),
     (DRY_RUN, "build and record payloads, send nothing", "false"),
+    (CIO_SITE_ID + ", " + CIO_API_KEY, "Track API credentials (never logged)", "none"),
+    (CIO_TRACK_URL, "Track API base URL (EU: https://track-eu.customer.io; or the emulator)", DEFAULT_TRACK_URL),
+    (ERASURE_ACTION, "what an erased customer (deleted_at) gets, once: delete or suppress", "delete"),
     ("PG2CIO_DAGSTER_URL", "Postgres for Dagster's own runs, events and schedules (deploy/dagster.yaml)", "set by the demo"),
     ("PG2CIO_TEST_URL", "tests use this Postgres instead of starting a throwaway one", "none"),
     ("PG2CIO_DEMO_HOME", "where `pg2cio demo` keeps its cluster and DAGSTER_HOME", "~/.local/share/pg2cio/demo (root: /var/tmp/pg2cio-demo)"),

@@ -1,0 +1,330 @@
+"""Delivery to Customer.io through the ledger: what was accepted is never sent again.
+
+The ledger lives in the state database. Each batch's outcome is committed as soon as
+Customer.io answers, so a run that dies midway resumes from the ledger: accepted ops are
+skipped, the batch in flight is sent again (same event ids, which Customer.io drops as
+duplicates). With no client (dry run) everything is built, checked and recorded as
+"would_send", and no request is made.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Callable
+
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from pg2cio_assets import sync
+from pg2cio_assets.customerio import MAX_REQUEST_BYTES, TrackClient, encode, op_problem, pack_batches
+from pg2cio_assets.state import read_frame
+
+LEDGER_DDL = """
+CREATE SCHEMA IF NOT EXISTS {schema};
+CREATE TABLE IF NOT EXISTS {events} (
+    event_id text PRIMARY KEY, name text NOT NULL, person_key text NOT NULL, status text NOT NULL,
+    reason text, op_bytes integer, occurred_at timestamptz, updated_at timestamptz NOT NULL, run_id text
+);
+CREATE TABLE IF NOT EXISTS {attributes} (
+    person_key text NOT NULL, attribute text NOT NULL, value jsonb NOT NULL, accepted_at timestamptz NOT NULL,
+    PRIMARY KEY (person_key, attribute)
+);
+CREATE TABLE IF NOT EXISTS {merges} (
+    merge_id text PRIMARY KEY, primary_id text NOT NULL, secondary_email text NOT NULL, status text NOT NULL,
+    reason text, updated_at timestamptz NOT NULL
+);
+CREATE TABLE IF NOT EXISTS {erasures} (
+    person_key text PRIMARY KEY, action text NOT NULL, status text NOT NULL, reason text, updated_at timestamptz NOT NULL
+);
+CREATE TABLE IF NOT EXISTS {held} (
+    person_key text NOT NULL, attribute text NOT NULL, reason text NOT NULL, run_id text, held_at timestamptz NOT NULL
+);
+CREATE TABLE IF NOT EXISTS {rejections} (
+    kind text NOT NULL, key text NOT NULL, reason text NOT NULL, run_id text, rejected_at timestamptz NOT NULL
+);
+CREATE TABLE IF NOT EXISTS {requests} (
+    run_id text, asset text NOT NULL, sent_at timestamptz NOT NULL, ops integer NOT NULL, bytes integer NOT NULL,
+    status integer NOT NULL, attempts integer NOT NULL, rejected_ops integer NOT NULL
+);
+"""
+LEDGER_TABLES = {
+    "events": "cio_event_ledger", "attributes": "cio_attribute_ledger", "merges": "cio_merge_ledger",
+    "erasures": "cio_erasure_ledger", "held": "cio_held_attributes", "rejections": "cio_rejections",
+    "requests": "cio_requests",
+}
+
+
+def tables(schema: str) -> dict[str, sql.Identifier]:
+    return {k: sql.Identifier(schema, v) for k, v in LEDGER_TABLES.items()}
+
+
+def ensure_ledger(conn: psycopg.Connection, schema: str) -> None:
+    with conn.transaction():
+        conn.execute(sql.SQL(LEDGER_DDL).format(schema=sql.Identifier(schema), **tables(schema)))
+
+
+@dataclass
+class Delivery:
+    """What one sync did: counts by outcome, requests, bytes, batch sizes."""
+
+    outcomes: dict[str, int] = field(default_factory=dict)
+    by_name: dict[str, dict[str, int]] = field(default_factory=dict)
+    requests: int = 0
+    bytes: int = 0
+    batch_bytes: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def count(self, outcome: str, name: str | None = None, n: int = 1) -> None:
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + n
+        if name:
+            per = self.by_name.setdefault(name, {})
+            per[outcome] = per.get(outcome, 0) + n
+
+    @property
+    def mean_batch_fill(self) -> float:
+        return sync.batch_fill(self.batch_bytes, MAX_REQUEST_BYTES)
+
+    def metadata(self) -> dict:
+        return {
+            "outcomes": dict(sorted(self.outcomes.items())),
+            "requests": self.requests,
+            "bytes_sent": self.bytes,
+            "mean_batch_bytes": round(sum(self.batch_bytes) / len(self.batch_bytes)) if self.batch_bytes else 0,
+            "mean_batch_fill": round(self.mean_batch_fill, 3),
+        }
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def send_in_batches(
+    conn: psycopg.Connection, client: TrackClient | None, schema: str, asset: str, run_id: str | None,
+    ops: list[dict], on_done: Callable[[psycopg.Connection, list[int], dict[int, str]], None], delivery: Delivery,
+    log: Callable[[str], None],
+) -> None:
+    """Pack ops into batches and send them in order; after each answer, `on_done(conn, accepted,
+    rejected)` records the outcome in the ledger in the same transaction as the request log."""
+    if not ops:
+        return
+    encoded = [encode(op) for op in ops]
+    batches = pack_batches(encoded)
+    for n, batch in enumerate(batches, 1):
+        body = [encoded[i] for i in batch]
+        if client is None:
+            with conn.transaction():
+                on_done(conn, batch, {})
+            continue
+        result = client.send_batch(body)
+        rejected = {batch[i]: reason for i, reason in result.errors.items()}
+        accepted = [i for i in batch if i not in rejected]
+        with conn.transaction():
+            on_done(conn, accepted, rejected)
+            conn.execute(
+                sql.SQL("INSERT INTO {} VALUES (%s, %s, %s, %s, %s, %s, %s, %s)").format(tables(schema)["requests"]),
+                (run_id, asset, _now(), len(batch), result.request_bytes, result.status, result.attempts, len(rejected)),
+            )
+        delivery.requests += 1
+        delivery.bytes += result.request_bytes
+        delivery.batch_bytes.append(result.request_bytes)
+        log(f"{asset}: batch {n}/{len(batches)}: {len(accepted):,} accepted, {len(rejected):,} rejected, "
+            f"{result.request_bytes:,} bytes, {result.attempts} attempt(s)")
+
+
+def sync_people(
+    conn: psycopg.Connection, client: TrackClient | None, schema: str, *, as_of: datetime, erase_action: str,
+    run_id: str | None, log: Callable[[str], None] = lambda _m: None,
+) -> Delivery:
+    """Identify people whose attributes changed, then send merges and erasures, through the ledger."""
+    started = time.perf_counter()
+    ensure_ledger(conn, schema)
+    t = tables(schema)
+    delivery = Delivery()
+    dry = client is None
+    people = read_frame(conn, sql.SQL("SELECT * FROM {}").format(sql.Identifier(schema, "person_attributes")))
+    ledger: dict[str, dict[str, object]] = {}
+    for key, attribute, value in conn.execute(sql.SQL("SELECT person_key, attribute, value FROM {}").format(t["attributes"])):
+        ledger.setdefault(key, {})[attribute] = value
+    erased_done = {r[0] for r in conn.execute(sql.SQL(
+        "SELECT person_key FROM {} WHERE status = 'accepted'").format(t["erasures"]))}
+
+    rows = people.to_dict("records")
+    live = [r for r in rows if not r["is_erased"]]
+    erased = [r for r in rows if r["is_erased"] and r["person_key"] not in erased_done]
+    pending_merges = read_frame(conn, sql.SQL(
+        "SELECT m.merge_id, m.primary_id, m.secondary_email FROM {merges} m "
+        "WHERE NOT EXISTS (SELECT 1 FROM {ledger} l WHERE l.merge_id = m.merge_id AND l.status IN ('accepted', 'rejected')) "
+        "ORDER BY m.merge_id"
+    ).format(merges=sql.Identifier(schema, "identity_merges"), ledger=t["merges"])).to_dict("records")
+    held_rows: list[tuple[str, str, str]] = []
+
+    def identify(plan: sync.PersonOps) -> None:
+        def identified(conn, accepted, rejected):
+            now = _now()
+            values = []
+            for i in accepted:
+                change = plan.changes[i]
+                key = change["person_key"]
+                for attribute, value in change.items():
+                    if attribute != "person_key":
+                        ledger.setdefault(key, {})[attribute] = value
+                        values.append((key, attribute, Jsonb(value), now))
+            with conn.cursor() as cur:
+                if values and not dry:
+                    cur.executemany(sql.SQL(
+                        "INSERT INTO {} VALUES (%s, %s, %s, %s) ON CONFLICT (person_key, attribute) "
+                        "DO UPDATE SET value = EXCLUDED.value, accepted_at = EXCLUDED.accepted_at"
+                    ).format(t["attributes"]), values)
+                if rejected:
+                    cur.executemany(sql.SQL("INSERT INTO {} VALUES ('identify', %s, %s, %s, %s)").format(t["rejections"]),
+                                    [(plan.changes[i]["person_key"], reason, run_id, now) for i, reason in rejected.items()])
+            delivery.count("would_send" if dry else "accepted", "identify", len(accepted))
+            delivery.count("rejected", "identify", len(rejected))
+
+        send_in_batches(conn, client, schema, "customerio_people_sync", run_id, plan.ops, identified, delivery, log)
+
+    # 1. Identify everyone who changed; a primary with a merge to come is identified without its email.
+    first = sync.people_ops(live, ledger, as_of, withhold_email=frozenset(m["primary_id"] for m in pending_merges))
+    delivery.count("unchanged", n=first.unchanged)
+    held_rows += first.held
+    identify(first)
+
+    # 2. Merges, once their primary exists in Customer.io.
+    merge_rows = [m for m in pending_merges if m["primary_id"] in ledger]
+
+    def merged(conn, accepted, rejected):
+        now = _now()
+        for i in accepted + list(rejected):
+            m = merge_rows[i]
+            status = "would_send" if dry else ("rejected" if i in rejected else "accepted")
+            conn.execute(sql.SQL(
+                "INSERT INTO {} VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (merge_id) DO UPDATE SET "
+                "status = EXCLUDED.status, reason = EXCLUDED.reason, updated_at = EXCLUDED.updated_at").format(t["merges"]),
+                (m["merge_id"], m["primary_id"], m["secondary_email"], status, rejected.get(i), now))
+        delivery.count("would_send" if dry else "accepted", "merge", len(accepted))
+        delivery.count("rejected", "merge", len(rejected))
+
+    send_in_batches(conn, client, schema, "customerio_people_sync", run_id,
+                    [sync.merge_op(m["primary_id"], m["secondary_email"]) for m in merge_rows], merged, delivery, log)
+
+    # 3. The emails withheld in step 1, now that their guest profiles are folded in.
+    merged_keys = {m["primary_id"] for m in merge_rows}
+    second = sync.people_ops([r for r in live if r["person_key"] in merged_keys], ledger, as_of)
+    identify(second)
+    with conn.transaction():
+        conn.execute(sql.SQL("DELETE FROM {}").format(t["held"]))
+        for key, attribute, reason in held_rows:
+            conn.execute(sql.SQL("INSERT INTO {} VALUES (%s, %s, %s, %s, %s)").format(t["held"]),
+                         (key, attribute, reason, run_id, _now()))
+    delivery.count("held", n=len(held_rows))
+    if held_rows:
+        log(f"{len(held_rows):,} attribute value(s) held back (see {schema}.{LEDGER_TABLES['held']}): {held_rows[:3]}")
+
+    def erased_cb(conn, accepted, rejected):
+        now = _now()
+        for i in accepted + list(rejected):
+            status = "would_send" if dry else ("rejected" if i in rejected else "accepted")
+            conn.execute(sql.SQL(
+                "INSERT INTO {} VALUES (%s, %s, %s, %s, %s) ON CONFLICT (person_key) DO UPDATE SET "
+                "status = EXCLUDED.status, reason = EXCLUDED.reason, updated_at = EXCLUDED.updated_at").format(t["erasures"]),
+                (erased[i]["person_key"], erase_action, status, rejected.get(i), now))
+        delivery.count("would_send" if dry else "accepted", erase_action, len(accepted))
+        delivery.count("rejected", erase_action, len(rejected))
+
+    send_in_batches(conn, client, schema, "customerio_people_sync", run_id,
+                    [sync.erase_op(r["cio_identifier_type"], r["cio_identifier"], erase_action) for r in erased],
+                    erased_cb, delivery, log)
+    delivery.seconds = time.perf_counter() - started
+    return delivery
+
+
+def sync_events(
+    conn: psycopg.Connection, client: TrackClient | None, schema: str, *, start, end, run_id: str | None,
+    log: Callable[[str], None] = lambda _m: None,
+) -> Delivery:
+    """Send the window's events that the ledger has not settled, skipping erased people."""
+    started = time.perf_counter()
+    ensure_ledger(conn, schema)
+    t = tables(schema)
+    delivery = Delivery()
+    dry = client is None
+    pending = read_frame(conn, sql.SQL(
+        """
+        SELECT e.event_id, e.name, e.person_key, e.cio_identifier_type, e.cio_identifier, e.timestamp,
+               e.properties, e.occurred_at
+        FROM {events} e
+        WHERE e.occurred_at >= %(start)s AND e.occurred_at < %(end)s
+          AND NOT EXISTS (SELECT 1 FROM {ledger} l WHERE l.event_id = e.event_id AND l.status IN ('accepted', 'rejected', 'quarantined'))
+          AND NOT EXISTS (SELECT 1 FROM {erasures} x WHERE x.person_key = e.person_key)
+          AND NOT EXISTS (SELECT 1 FROM {attrs} p WHERE p.person_key = e.person_key AND p.is_erased)
+        ORDER BY e.occurred_at, e.event_id
+        """
+    ).format(events=sql.Identifier(schema, "events"), ledger=t["events"], erasures=t["erasures"],
+             attrs=sql.Identifier(schema, "person_attributes")), {"start": start, "end": end})
+    rows = pending.to_dict("records")
+    ops, sendable, quarantined = [], [], []
+    for row in rows:
+        op = sync.event_op(row)
+        problem = op_problem(op)
+        if problem:
+            quarantined.append(_event_row(row, "quarantined", problem, run_id, None))
+            delivery.count("quarantined", row["name"])
+            continue
+        ops.append(op)
+        sendable.append(row)
+    with conn.transaction():
+        _record_events(conn, t, quarantined)
+    log(f"customerio_events_sync: {len(ops):,} events to send, {len(quarantined):,} over a limit")
+
+    def settled(conn, accepted, rejected):
+        status = "would_send" if dry else "accepted"
+        records = [_event_row(sendable[i], status, None, run_id, len(encode(ops[i]))) for i in accepted]
+        records += [_event_row(sendable[i], "rejected", reason, run_id, len(encode(ops[i]))) for i, reason in rejected.items()]
+        _record_events(conn, t, records)
+        for i in accepted:
+            delivery.count(status, sendable[i]["name"])
+        for i in rejected:
+            delivery.count("rejected", sendable[i]["name"])
+
+    send_in_batches(conn, client, schema, "customerio_events_sync", run_id, ops, settled, delivery, log)
+    delivery.seconds = time.perf_counter() - started
+    return delivery
+
+
+def _event_row(row: dict, status: str, reason: str | None, run_id: str | None, op_bytes: int | None) -> tuple:
+    return (row["event_id"], row["name"], row["person_key"], status, reason, op_bytes, row["occurred_at"], _now(), run_id)
+
+
+def _record_events(conn: psycopg.Connection, t: dict, records: list[tuple]) -> None:
+    if not records:
+        return
+    with conn.cursor() as cur:
+        cur.executemany(sql.SQL(
+            "INSERT INTO {} VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (event_id) DO UPDATE SET "
+            "status = EXCLUDED.status, reason = EXCLUDED.reason, op_bytes = EXCLUDED.op_bytes, "
+            "updated_at = EXCLUDED.updated_at, run_id = EXCLUDED.run_id").format(t["events"]), records)
+
+
+def report_rows(conn: psycopg.Connection, schema: str) -> list[tuple[str, str, int]]:
+    """(kind, outcome, count) over the whole ledger: events per name, identifies, merges, erasures."""
+    t = tables(schema)
+    ensure_ledger(conn, schema)
+    rows = conn.execute(sql.SQL(
+        """
+        SELECT name, status, count(*) FROM {events} GROUP BY 1, 2
+        UNION ALL SELECT 'merge', status, count(*) FROM {merges} GROUP BY 2
+        UNION ALL SELECT action, status, count(*) FROM {erasures} GROUP BY 1, 2
+        UNION ALL SELECT 'identify', 'rejected', count(*) FROM {rejections} WHERE kind = 'identify'
+        UNION ALL SELECT 'attribute', 'held', count(*) FROM {held}
+        UNION ALL SELECT 'person', 'identified', count(DISTINCT person_key) FROM {attributes}
+        ORDER BY 1, 2
+        """
+    ).format(**t)).fetchall()
+    return [(k, s, int(n)) for k, s, n in rows if n]
+
+
+__all__ = ["sync_people", "sync_events", "report_rows", "Delivery", "ensure_ledger", "json"]

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import psycopg
@@ -131,6 +132,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             DAGSTER_HOME=str(dagster_home),
         )
         env.pop("PG2CIO_STATE_URL", None)  # state lives beside the demo store
+        if args.days > 0 and not os.environ.get(settings.PARTITION_START):
+            # The first partition holds everything older, so the demo's daily partitions can start
+            # where its first run does and that run still covers the whole store.
+            first_day = (datetime.now(timezone.utc) - timedelta(days=args.days - 1)).date().isoformat()
+            env[settings.PARTITION_START] = first_day
         from pg2cio_assets.cio_emulator import CustomerIOEmulator
 
         emulator = CustomerIOEmulator(site_id="demo-site", api_key="demo-key", port=args.emulator_port).start()

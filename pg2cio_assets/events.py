@@ -172,14 +172,13 @@ def build_events(name: str, facts: pd.DataFrame, people: pd.DataFrame, items: pd
     spec = contract.event(name)
     if spec.owner != "postgres":
         raise ValueError(f"event {name!r} is owned by {spec.owner}; pg2cio never emits it")
-    ident = people.set_index("person_key")[["cio_identifier_type", "cio_identifier"]]
+    ident = dict(zip(people["person_key"], zip(people["cio_identifier_type"], people["cio_identifier"])))
     line_items: dict[str, list[dict]] = {}
     if spec.items and items is not None and len(items):
-        for key, grp in items.groupby("source_key", sort=False):
-            line_items[key] = [
-                {p: _typed(v, kind) for (p, kind), v in zip(contract.ITEM_PROPERTIES, row)}
-                for row in grp[[p for p, _ in contract.ITEM_PROPERTIES]].itertuples(index=False, name=None)
-            ]
+        names = [p for p, _ in contract.ITEM_PROPERTIES]
+        kinds = [k for _, k in contract.ITEM_PROPERTIES]
+        for key, *values in items[["source_key", *names]].itertuples(index=False, name=None):
+            line_items.setdefault(key, []).append({p: _typed(v, k) for p, k, v in zip(names, kinds, values)})
 
     out, held = [], []
     for row in facts.itertuples(index=False):
@@ -192,7 +191,7 @@ def build_events(name: str, facts: pd.DataFrame, people: pd.DataFrame, items: pd
         if row.person_key is None or (isinstance(row.person_key, float) and math.isnan(row.person_key)):
             hold("no person: no customer_id and no resolvable email")
             continue
-        if row.person_key not in ident.index:
+        if row.person_key not in ident:
             hold(f"person {row.person_key} is not among the people")
             continue
         try:
@@ -211,7 +210,7 @@ def build_events(name: str, facts: pd.DataFrame, people: pd.DataFrame, items: pd
         if size > MAX_EVENT_DATA_BYTES or size + OP_ENVELOPE_BYTES > MAX_OP_BYTES:
             hold(f"event data is {size:,} bytes: over Customer.io's limit ({MAX_OP_BYTES:,} bytes per batched op)")
             continue
-        cio_type, cio_id = ident.loc[row.person_key]
+        cio_type, cio_id = ident[row.person_key]
         out.append((
             ulid.event_ulid(occurred, name, source_key), name, row.person_key, cio_type, cio_id, occurred,
             int(occurred.timestamp()), props, spec.relation, source_key, size, spec.use_case,

@@ -69,9 +69,19 @@ class SeededDB:
 
 
 @pytest.fixture
-def seeded(pg_url, new_schema, store) -> SeededDB:
-    """The demo store loaded into its own source schema, with an empty state schema beside it."""
-    db = SeededDB(pg_url, new_schema("src"), new_schema("state"), store)
-    with psycopg.connect(pg_url) as conn:
-        load_store(conn, store, db.source_schema)
-    return db
+def make_seeded(pg_url, new_schema):
+    """Load a store into its own source schema, with an empty state schema beside it."""
+
+    def make(store: Store) -> SeededDB:
+        db = SeededDB(pg_url, new_schema("src"), new_schema("state"), store)
+        with psycopg.connect(pg_url) as conn:
+            load_store(conn, store, db.source_schema)
+        return db
+
+    return make
+
+
+@pytest.fixture
+def seeded(make_seeded, store) -> SeededDB:
+    """The 1,000-customer demo store, loaded for this test alone."""
+    return make_seeded(store)

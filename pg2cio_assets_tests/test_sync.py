@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import uuid
 from datetime import timedelta
 
 import dagster as dg
 import pandas as pd
-import psycopg
 import pytest
 from psycopg import sql
 
@@ -21,7 +19,7 @@ from pg2cio_assets.customerio import CustomerIOUnavailable, TrackClient
 from pg2cio_assets.customerio import encode as sync_encode
 from pg2cio_assets.partitions import daily_partitions
 from pg2cio_assets.resources import CustomerIOResource, PostgresResource
-from pg2cio_assets.seed import generate_store, load_store
+from pg2cio_assets.seed import generate_store
 
 from .conftest import AS_OF, SeededDB
 
@@ -46,11 +44,8 @@ def small_store():
 
 
 @pytest.fixture
-def db(pg_url, new_schema, small_store) -> SeededDB:
-    db = SeededDB(pg_url, new_schema("ssrc"), new_schema("sstate"), small_store)
-    with psycopg.connect(pg_url) as conn:
-        load_store(conn, small_store, db.source_schema)
-    return db
+def db(make_seeded, small_store) -> SeededDB:
+    return make_seeded(small_store)
 
 
 def cio(emu: CustomerIOEmulator | None, **kw) -> CustomerIOResource:

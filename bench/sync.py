@@ -10,7 +10,6 @@ requests of an immediate rerun (target zero) and of a run after 1% of customers 
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import subprocess
 import sys

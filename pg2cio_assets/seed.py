@@ -302,7 +302,7 @@ def generate_store(customers: int, seed: int, as_of: datetime) -> Store:
     unattr_time = t0 + rng.integers(DAY, HISTORY_DAYS * DAY - 3600, plan.unattributable_orders)
 
     # Assemble the cart orders: account, planned guest, pure guest, unattributable.
-    n_acc, n_pg, n_pure, n_un = len(o_cust), len(planned_guest_cust), len(gi), plan.unattributable_orders
+    n_pg, n_pure, n_un = len(planned_guest_cust), len(gi), plan.unattributable_orders
     co_time = np.concatenate([o_time, planned_guest_time, pure_guest_time, unattr_time])
     co_customer = np.concatenate([o_customer, np.full(n_pg + n_pure + n_un, None, dtype=object)])
     co_email = np.concatenate([o_email, planned_guest_email, pure_guest_email, np.full(n_un, None, dtype=object)])
@@ -388,7 +388,6 @@ def generate_store(customers: int, seed: int, as_of: datetime) -> Store:
     # Order lines: renewal orders carry their subscription's SKU; others follow the buyer's taste.
     n_lines = np.concatenate([1 + rng.poisson(0.6, n_co), np.ones(n_r, dtype=np.int64)])
     li = np.repeat(np.arange(n_orders), n_lines)
-    line_no = 1 + np.arange(len(li)) - np.repeat(np.cumsum(n_lines) - n_lines, n_lines)
     owner = all_owner[li]
     taste = np.where(owner >= 0, fav_cat[np.maximum(owner, 0)], rng.integers(0, len(cat_names), len(li)))
     cat_of_line = np.where(rng.random(len(li)) < 0.6, taste, rng.integers(0, len(cat_names), len(li)))

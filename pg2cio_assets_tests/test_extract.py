@@ -5,7 +5,6 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 import dagster as dg
-import psycopg
 import pytest
 from psycopg import sql
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 import pandas as pd
+import pandera.pandas as pa
 from psycopg import sql
 
 from pg2cio_assets import contract, ulid
@@ -233,12 +234,34 @@ def enabled_events(enable: tuple[str, ...] = (), disable: tuple[str, ...] = ()) 
     return [e for e in contract.EVENTS if e.name in on and e.owner == "postgres"]
 
 
+EVENTS_SCHEMA = pa.DataFrameSchema(
+    {
+        "event_id": pa.Column(str, pa.Check(lambda s: s.map(ulid.is_valid), element_wise=False, error="must be a ULID"),
+                              unique=True, report_duplicates="all"),
+        "name": pa.Column(str, pa.Check.isin(list(contract.EVENTS_BY_NAME), error="must be a contract event")),
+        "person_key": pa.Column(str),
+        "cio_identifier_type": pa.Column(str, pa.Check.isin(["id", "email"])),
+        "cio_identifier": pa.Column(str),
+        "timestamp": pa.Column("int64", pa.Check.ge(0)),
+        "source_key": pa.Column(str),
+        "data_bytes": pa.Column("int64", pa.Check.le(MAX_EVENT_DATA_BYTES)),
+    },
+    strict=False,
+    name="events",
+)
+
+
 def check_events(events: pd.DataFrame, start, end) -> dict[str, tuple[bool, dict]]:
     """The blocking checks of the events asset, as (passed, metadata) by check name."""
-    ids = events["event_id"]
-    bad_ids = ids[~ids.map(ulid.is_valid)].tolist()
-    dup_ids = ids[ids.duplicated()].unique().tolist()
-    bad_names = sorted(set(events["name"]) - set(contract.EVENTS_BY_NAME))
+    failing: dict[str, list] = {}
+    if len(events):
+        try:
+            EVENTS_SCHEMA.validate(events, lazy=True)
+        except pa.errors.SchemaErrors as exc:
+            for column, value in zip(exc.failure_cases["column"], exc.failure_cases["failure_case"]):
+                failing.setdefault(column, []).append(value)
+    bad_ids = failing.get("event_id", [])
+    bad_names = sorted({str(v) for v in failing.get("name", [])})
     ts = pd.to_datetime(events["occurred_at"], utc=True)
     outside = events[(ts < pd.Timestamp(start)) | (ts >= pd.Timestamp(end))]
     secs_ok = (events["timestamp"] == ts.map(lambda t: int(t.timestamp()))).all() if len(events) else True
@@ -255,7 +278,7 @@ def check_events(events: pd.DataFrame, start, end) -> dict[str, tuple[bool, dict
             except ValueError as exc:
                 type_errors.append(f"{name}.{p.name}: {exc}")
     return {
-        "ids_unique_and_valid_ulids": (not bad_ids and not dup_ids, {"invalid": len(bad_ids), "duplicated": len(dup_ids)}),
+        "ids_unique_and_valid_ulids": (not bad_ids, {"invalid_or_duplicated": len(bad_ids)}),
         "names_in_contract": (not bad_names, {"unknown_names": ", ".join(bad_names) or "(none)"}),
         "timestamps_inside_partition_window": (outside.empty and bool(secs_ok), {"outside_window": len(outside)}),
         "properties_have_contract_types": (not type_errors, {"errors": len(type_errors), "examples": "; ".join(type_errors[:5]) or "(none)"}),

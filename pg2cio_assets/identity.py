@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass
 
 import pandas as pd
+import pandera.pandas as pa
 
 _USABLE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 
@@ -42,6 +43,29 @@ PEOPLE_COLUMNS = [c for c, _ in PEOPLE_TABLE]
 MERGE_COLUMNS = [c for c, _ in MERGES_TABLE]
 
 
+def _is_timestamp(s: pd.Series) -> pd.Series:
+    return s.isna() | pd.to_datetime(s, utc=True, errors="coerce").notna()
+
+
+def table_schema(name: str, table: list[tuple[str, str]], required: tuple[str, ...], unique: tuple[str, ...]) -> pa.DataFrameSchema:
+    """A Pandera schema for one output table: types from its column list, required and unique columns."""
+    columns = {}
+    for col, pg_type in table:
+        if pg_type == "timestamptz":
+            columns[col] = pa.Column(checks=pa.Check(_is_timestamp, error="must be a timestamp"), nullable=col not in required)
+        else:
+            columns[col] = pa.Column(bool if pg_type == "boolean" else str, nullable=col not in required)
+    return pa.DataFrameSchema(columns, unique=list(unique), report_duplicates="all", strict=True, ordered=True, name=name)
+
+
+SCHEMAS = {
+    "identity_map": table_schema("identity_map", IDENTITY_MAP_TABLE, ("identifier_type", "identifier"), ("identifier_type", "identifier")),
+    "people": table_schema("people", PEOPLE_TABLE, ("person_key", "person_type", "cio_identifier_type", "cio_identifier",
+                                                    "email_consent", "sms_consent", "email_shared"), ("person_key",)),
+    "identity_merges": table_schema("identity_merges", MERGES_TABLE, ("merge_id", "primary_id", "secondary_email"), ("merge_id",)),
+}
+
+
 def normalize_email(raw: object) -> str | None:
     """Trimmed, lower-cased email, or None when there is none or it cannot be an address."""
     if not isinstance(raw, str):
@@ -60,6 +84,16 @@ class Identities:
     identity_map: pd.DataFrame  # IDENTITY_MAP_COLUMNS: one row per identifier seen
     people: pd.DataFrame  # PEOPLE_COLUMNS: one row per real person
     merges: pd.DataFrame  # MERGE_COLUMNS: guest profiles to fold into accounts
+
+    def validate(self) -> None:
+        """Pandera on every output frame; a failure here is a bug in pg2cio, named by table and column."""
+        for name, df in (("identity_map", self.identity_map), ("people", self.people), ("identity_merges", self.merges)):
+            try:
+                SCHEMAS[name].validate(df, lazy=True)
+            except pa.errors.SchemaErrors as exc:
+                fc = exc.failure_cases.head(5)
+                raise ValueError(f"{name} breaks its schema: " + "; ".join(
+                    f"column {c!r} {chk}: {v!r}" for c, chk, v in zip(fc["column"], fc["check"], fc["failure_case"]))) from None
 
     def check_failures(self) -> dict[str, list[str]]:
         """What the blocking checks would fail on: duplicated customer_ids, unflagged shared emails."""

@@ -155,3 +155,17 @@ def test_an_event_over_customerio_size_limits_is_quarantined_before_any_sync():
     built = build_events("order_paid", facts, people, items)
     assert built.events.empty
     assert "over Customer.io's limit" in built.quarantine["reason"].iloc[0]
+
+
+def test_the_events_checks_fail_on_a_bad_id_a_duplicate_or_an_unknown_name():
+    from pg2cio_assets.events import check_events
+
+    good = ulid.event_ulid(AS_OF, "order_paid", "o1")
+    events = pd.DataFrame({"event_id": [good, good, "nope"], "name": ["order_paid", "order_paid", "Order Paid"],
+                           "person_key": "c", "cio_identifier_type": "id", "cio_identifier": "c",
+                           "occurred_at": [AS_OF] * 3, "timestamp": [int(AS_OF.timestamp())] * 3, "source_key": "o1",
+                           "data_bytes": [10] * 3, "properties": [{"order_id": "o1"}] * 3})
+    checks = check_events(events, AS_OF - timedelta(days=1), AS_OF + timedelta(days=1))
+    assert not checks["ids_unique_and_valid_ulids"][0]
+    assert checks["names_in_contract"] == (False, {"unknown_names": "Order Paid"})
+    assert checks["timestamps_inside_partition_window"][0]

@@ -289,3 +289,15 @@ def test_a_table_that_fails_its_checks_is_not_published(pg_url, new_schema):
         rejected = conn.execute(sql.SQL("SELECT orders_count FROM {}").format(
             sql.Identifier(schema, "person_attributes_rejected"))).fetchall()
     assert live == [(2,)] and rejected == [(-1,)]
+
+
+def test_an_identity_frame_that_breaks_its_schema_is_named():
+    from pg2cio_assets.identity import PEOPLE_TABLE, SCHEMAS
+
+    people = pd.DataFrame({c: ["x", "x"] for c, _ in PEOPLE_TABLE})  # two people with one person_key
+    for c in ("email_consent", "sms_consent", "email_shared"):
+        people[c] = False
+    for c in ("created_at", "deleted_at"):
+        people[c] = pd.Timestamp("2026-01-01", tz="UTC")
+    with pytest.raises(Exception, match="person_key"):
+        SCHEMAS["people"].validate(people, lazy=True)

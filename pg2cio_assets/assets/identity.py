@@ -125,6 +125,7 @@ def identity_assets(context: AssetExecutionContext, state: PostgresResource):
         context.log.info(f"resolving {len(accounts):,} accounts, {len(changes):,} email changes, "
                          f"{len(guests):,} distinct guest emails")
         ids = identity.resolve_identities(accounts, changes, guests)
+        ids.validate()
         failures = ids.check_failures()
         passed = not any(failures.values())
         if not passed:

@@ -48,10 +48,7 @@ _SELECT = {
         "r.cart_id, r.currency, "
         "(SELECT coalesce(sum(i.quantity * i.unit_price), 0) FROM {cart_items} i WHERE i.cart_id = r.cart_id) AS cart_total"
     ),
-    "order_paid": (
-        "r.order_id, r.order_total, r.currency, r.discount_code, "
-        "EXISTS (SELECT 1 FROM first_orders f WHERE f.order_id = r.order_id) AS is_first_order"
-    ),
+    "order_paid": "r.order_id, r.order_total, r.currency, r.discount_code, (f.order_id IS NOT NULL) AS is_first_order",
     "order_fulfilled": "r.order_id, r.order_total, r.currency",
 }
 
@@ -60,7 +57,7 @@ def _first_orders_cte(schema: str) -> sql.Composed:
     """Each person's first paid order over the whole history, guest orders linked to them included."""
     return sql.SQL(
         """
-        first_orders AS (
+        first_orders AS MATERIALIZED (
             SELECT DISTINCT ON (person_key) person_key, order_id FROM (
                 SELECT o.order_id, o.paid_at,
                        CASE WHEN o.customer_id IS NOT NULL THEN o.customer_id ELSE m.person_key END AS person_key
@@ -88,6 +85,12 @@ def event_query(spec: contract.Event, schema: str) -> sql.Composed:
             + " FROM {rel} r " + join + " WHERE r.{ts} >= %(start)s AND r.{ts} < %(end)s"
         ).format(key=sql.Identifier(spec.source_key[0]), ts=ts, rel=t(f"{spec.relation}_extract"), **fmt)
         if spec.name == "order_paid":
+            # One pass over the history, joined once (a correlated EXISTS re-ran it per order).
+            body = sql.SQL(
+                "SELECT r.{key} AS source_key, r.{ts} AS occurred_at, " + person + " AS person_key, " + _SELECT[spec.name]
+                + " FROM {rel} r " + join + " LEFT JOIN first_orders f ON f.order_id = r.order_id"
+                + " WHERE r.{ts} >= %(start)s AND r.{ts} < %(end)s"
+            ).format(key=sql.Identifier(spec.source_key[0]), ts=ts, rel=t(f"{spec.relation}_extract"), **fmt)
             return sql.SQL("WITH {} {}").format(_first_orders_cte(schema), body)
         return body
     if spec.relation == "refunds":

@@ -76,6 +76,8 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--customers", type=int, default=20_000)
     parser.add_argument("--write", action="store_true")
+    parser.add_argument("--no-change", dest="change", action="store_false",
+                        help="skip the 1%% change phase (it repeats the whole preparation)")
     args = parser.parse_args()
     port = free_port()
     emu = subprocess.Popen([sys.executable, "-m", "pg2cio_assets.cli", "emulator", "--port", str(port),
@@ -96,25 +98,37 @@ def main() -> int:
                 load_store(conn, store, src)
             prep = prepare(url, src, state)
             people, events, first_s = sync_all(url, state, emu_url)
-            n_events = events.outcomes.get("accepted", 0)
             people2, events2, rerun_s = sync_all(url, state, emu_url)
-            # 1% of customers change their email (and so their updated_at)
-            with psycopg.connect(url, autocommit=True) as conn:
-                changed = conn.execute(sql.SQL(
-                    "UPDATE {} SET email = 'changed.' || email, updated_at = %s WHERE customer_id IN "
-                    "(SELECT customer_id FROM {} WHERE deleted_at IS NULL AND email IS NOT NULL ORDER BY customer_id "
-                    "LIMIT %s)").format(sql.Identifier(src, "customers"), sql.Identifier(src, "customers")),
-                    (AS_OF - timedelta(hours=1), args.customers // 100)).rowcount
-            prepare(url, src, state)
-            people3, events3, change_s = sync_all(url, state, emu_url)
+            people3 = events3 = None
+            change_s, changed = 0.0, 0
+            if args.change:
+                people3, events3, change_s, changed = change_one_percent(url, src, state, emu_url, args.customers)
             stats = httpx.get(f"{emu_url}/_emulator/stats").json()
     finally:
         emu.terminate()
         emu.wait(timeout=30)
+    return report(args, prep, people, events, first_s, people2, events2, rerun_s, people3, events3, change_s, changed, stats)
+
+
+def change_one_percent(url, src, state, emu_url, customers):
+    """1% of customers change their email (and so their updated_at); prepare and sync again."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        changed = conn.execute(sql.SQL(
+            "UPDATE {} SET email = 'changed.' || email, updated_at = %s WHERE customer_id IN "
+            "(SELECT customer_id FROM {} WHERE deleted_at IS NULL AND email IS NOT NULL ORDER BY customer_id "
+            "LIMIT %s)").format(sql.Identifier(src, "customers"), sql.Identifier(src, "customers")),
+            (AS_OF - timedelta(hours=1), customers // 100)).rowcount
+    prepare(url, src, state)
+    people3, events3, change_s = sync_all(url, state, emu_url)
+    return people3, events3, change_s, changed
+
+
+def report(args, prep, people, events, first_s, people2, events2, rerun_s, people3, events3, change_s, changed, stats):
+    n_events = events.outcomes.get("accepted", 0)
     req1 = people.requests + events.requests
     bytes1 = people.bytes + events.bytes
     fill = delivery.Delivery(batch_bytes=people.batch_bytes + events.batch_bytes).mean_batch_fill
-    report = (
+    text = (
         f"Machine: {machine()}.\n\n"
         f"### Sync to the emulator: {args.customers:,} customers\n\n"
         f"Preparing extracts, identity, attributes and events: {prep:.0f} s.\n\n"
@@ -124,13 +138,14 @@ def main() -> int:
         f"identifies/merges/deletes; mean batch fill {fill:.0%} of 500 KB |\n"
         f"| immediate rerun, no source change | {people2.requests + events2.requests:,} | "
         f"{people2.bytes + events2.bytes:,} | {rerun_s:.1f} | target zero |\n"
-        f"| after {changed:,} customers (1%) changed their email | {people3.requests + events3.requests:,} | "
-        f"{people3.bytes + events3.bytes:,} | {change_s:.1f} | {people3.outcomes} |\n\n"
+        + (f"| after {changed:,} customers (1%) changed their email | {people3.requests + events3.requests:,} | "
+           f"{people3.bytes + events3.bytes:,} | {change_s:.1f} | {people3.outcomes} |\n" if people3 else "")
+        + "\n"
         f"Emulator totals: {stats['requests']:,} requests, {stats['ops']:,} ops, {stats['duplicate_events']:,} duplicate events.\n"
     )
-    print(report)
+    print(text)
     if args.write:
-        write_section(report, f"sync_{args.customers}")
+        write_section(text, f"sync_{args.customers}")
     return 0
 
 

@@ -242,30 +242,50 @@ def sync_people(
     return delivery
 
 
+EVENT_CHUNK = 50_000
+
+
 def sync_events(
     conn: psycopg.Connection, client: TrackClient | None, schema: str, *, start, end, run_id: str | None,
-    log: Callable[[str], None] = lambda _m: None,
+    log: Callable[[str], None] = lambda _m: None, chunk: int = EVENT_CHUNK,
 ) -> Delivery:
-    """Send the window's events that the ledger has not settled, skipping erased people."""
+    """Send the window's events that the ledger has not settled, skipping erased people.
+
+    The window is read in chunks of `chunk` events (keyset pagination on occurred_at, event_id),
+    so memory is bounded by the chunk, not by the window: a first partition can hold years."""
     started = time.perf_counter()
     ensure_ledger(conn, schema)
     t = tables(schema)
     delivery = Delivery()
     dry = client is None
-    pending = read_frame(conn, sql.SQL(
+    query = sql.SQL(
         """
         SELECT e.event_id, e.name, e.person_key, e.cio_identifier_type, e.cio_identifier, e.timestamp,
                e.properties, e.occurred_at
         FROM {events} e
         WHERE e.occurred_at >= %(start)s AND e.occurred_at < %(end)s
+          AND (e.occurred_at, e.event_id) > (%(after_at)s, %(after_id)s)
           AND NOT EXISTS (SELECT 1 FROM {ledger} l WHERE l.event_id = e.event_id AND l.status IN ('accepted', 'rejected', 'quarantined'))
           AND NOT EXISTS (SELECT 1 FROM {erasures} x WHERE x.person_key = e.person_key)
           AND NOT EXISTS (SELECT 1 FROM {attrs} p WHERE p.person_key = e.person_key AND p.is_erased)
         ORDER BY e.occurred_at, e.event_id
+        LIMIT %(chunk)s
         """
     ).format(events=sql.Identifier(schema, "events"), ledger=t["events"], erasures=t["erasures"],
-             attrs=sql.Identifier(schema, "person_attributes")), {"start": start, "end": end})
-    rows = pending.to_dict("records")
+             attrs=sql.Identifier(schema, "person_attributes"))
+    after_at, after_id = "-infinity", ""
+    while True:
+        rows = read_frame(conn, query, {"start": start, "end": end, "after_at": after_at, "after_id": after_id,
+                                        "chunk": chunk}).to_dict("records")
+        if not rows:
+            break
+        after_at, after_id = rows[-1]["occurred_at"], rows[-1]["event_id"]
+        _send_events(conn, client, schema, t, rows, run_id, dry, delivery, log)
+    delivery.seconds = time.perf_counter() - started
+    return delivery
+
+
+def _send_events(conn, client, schema, t, rows, run_id, dry, delivery, log) -> None:
     ops, sendable, quarantined = [], [], []
     for row in rows:
         op = sync.event_op(row)
@@ -291,8 +311,6 @@ def sync_events(
             delivery.count("rejected", sendable[i]["name"])
 
     send_in_batches(conn, client, schema, "customerio_events_sync", run_id, ops, settled, delivery, log)
-    delivery.seconds = time.perf_counter() - started
-    return delivery
 
 
 def _event_row(row: dict, status: str, reason: str | None, run_id: str | None, op_bytes: int | None) -> tuple:

@@ -242,3 +242,13 @@ def test_a_guest_profile_customerio_already_holds_is_merged_into_the_account_tha
     assert len(mine) == 1 and mine[0]["id"] == customer_id and (mine[0]["email"] or "").lower() == email
     assert any(e["id"] == "01HZZZZZZZZZZZZZZZZZZZZZZZ" and e["person"].get("id") == customer_id for e in emulator.events())
     assert set(frame(db, "cio_merge_ledger", "primary_id = %s", (customer_id,))["status"]) == {"accepted"}
+
+
+def test_a_window_is_sent_in_bounded_chunks_and_every_event_arrives_once(db, emulator):
+    assert run_graph(db, emulator, selection=UP_TO_EVENTS + ["customerio_people_sync"]).success
+    with db.connect() as conn, TrackClient(emulator.url, SITE, KEY) as client:
+        sent = delivery.sync_events(conn, client, db.state_schema, start="-infinity", end=AS_OF + timedelta(days=2),
+                                    run_id="chunked", chunk=997)
+    ids = [e["id"] for e in emulator.events()]
+    assert len(ids) == len(set(ids)) == sent.outcomes["accepted"] > 997 * 3
+    assert set(ids) == set(frame(db, "cio_event_ledger", "status = 'accepted'")["event_id"])

@@ -516,3 +516,41 @@ def event(name: str) -> Event:
         else f"; the contract's events are: {', '.join(EVENTS_BY_NAME)}"
     )
     raise UnknownEventError(f"event {name!r} is not in the contract{hint}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Which assets serve which use cases: their freshness policies are derived from this
+# ---------------------------------------------------------------------------------------------
+
+
+def asset_use_cases(enabled: tuple[Event, ...] | list[Event] = EVENTS) -> dict[str, tuple[str, ...]]:
+    """Asset name -> the use cases whose data it carries (events: those `enabled`)."""
+    events = tuple(sorted({e.use_case for e in enabled if e.owner == "postgres"}))
+    attributes = tuple(sorted({a.use_case for a in PERSON_ATTRIBUTES}))
+    return {
+        "identity_map": ("profile",),
+        "people": ("profile",),
+        "identity_merges": ("profile",),
+        "person_attributes": attributes,
+        "customerio_people_sync": attributes,
+        "events": events,
+        "customerio_events_sync": events,
+    }
+
+
+def latency_target_minutes(use_cases: tuple[str, ...]) -> int:
+    """The tightest latency target among `use_cases`: what an asset serving all of them must meet."""
+    return min(USE_CASES[u].latency_minutes for u in use_cases)
+
+
+# Watched by the near-real-time sensor, each on its partition column (updated_at, or the
+# immutable *_at of an append-only relation). Line items bump their cart's or order's
+# updated_at (see the contract DDL), so carts and orders cover them; products change no event.
+CHANGE_FEEDS: tuple[str, ...] = (
+    "customers", "customer_email_changes", "carts", "orders", "refunds", "subscriptions", "subscription_renewals",
+)
+
+
+def event_timestamp_columns(relation_name: str) -> tuple[str, ...]:
+    """The columns of `relation_name` that stamp a contract event (they place it in a partition)."""
+    return tuple(sorted({e.timestamp_column for e in EVENTS if e.relation == relation_name}))

@@ -27,6 +27,7 @@ MAX_VALUE_BYTES = 1000  # an attribute value
 MAX_ATTRIBUTES = 300  # unique attributes per identify
 MAX_EVENT_NAME_BYTES = 100
 MAX_EVENT_DATA_BYTES = 100_000
+TRIGGER_WINDOW_HOURS = 72  # an event stamped within this many hours of now can trigger campaigns
 
 LIMITS: tuple[tuple[str, str], ...] = (
     ("batch request", f"under {MAX_REQUEST_BYTES:,} bytes"),
@@ -36,6 +37,7 @@ LIMITS: tuple[tuple[str, str], ...] = (
     ("attributes per identify", f"at most {MAX_ATTRIBUTES}"),
     ("event name", f"at most {MAX_EVENT_NAME_BYTES} bytes"),
     ("event data", f"at most {MAX_EVENT_DATA_BYTES:,} bytes"),
+    ("event that can trigger a campaign", f"stamped within the last {TRIGGER_WINDOW_HOURS} hours (older ones only count for segments)"),
 )
 _BATCH_OVERHEAD = len(b'{"batch":[]}')
 

@@ -9,7 +9,6 @@ duplicates). With no client (dry run) everything is built, checked and recorded 
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -20,7 +19,8 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from pg2cio_assets import sync
-from pg2cio_assets.customerio import MAX_REQUEST_BYTES, TrackClient, encode, op_problem, pack_batches
+from pg2cio_assets.customerio import MAX_REQUEST_BYTES, TRIGGER_WINDOW_HOURS, TrackClient, encode, op_problem, pack_batches
+from pg2cio_assets.suppression import SEND, SUPPRESS, Suppression, classify, trigger_cutoff
 from pg2cio_assets.state import read_frame
 
 LEDGER_DDL = """
@@ -29,6 +29,9 @@ CREATE TABLE IF NOT EXISTS {events} (
     event_id text PRIMARY KEY, name text NOT NULL, person_key text NOT NULL, status text NOT NULL,
     reason text, op_bytes integer, occurred_at timestamptz, updated_at timestamptz NOT NULL, run_id text
 );
+ALTER TABLE {events} ADD COLUMN IF NOT EXISTS source_changed_at timestamptz;
+ALTER TABLE {events} ADD COLUMN IF NOT EXISTS path text;
+CREATE INDEX IF NOT EXISTS cio_event_ledger_status ON {events} (status) WHERE status IN ('suppressed', 'skipped');
 CREATE TABLE IF NOT EXISTS {attributes} (
     person_key text NOT NULL, attribute text NOT NULL, value jsonb NOT NULL, accepted_at timestamptz NOT NULL,
     PRIMARY KEY (person_key, attribute)
@@ -243,29 +246,30 @@ def sync_people(
 
 
 EVENT_CHUNK = 50_000
+# Ledger statuses an events sync never sends again. 'suppressed' (held by a backfill) is
+# released once the event is older than the trigger window; 'skipped' (attributes_only) and
+# 'would_send' (dry run) are sent by the next live run of their window.
+SETTLED = ("accepted", "rejected", "quarantined")
+PATHS = ("sensor", "run", "backfill", "released")
 
 
-def sync_events(
-    conn: psycopg.Connection, client: TrackClient | None, schema: str, *, start, end, run_id: str | None,
-    log: Callable[[str], None] = lambda _m: None, chunk: int = EVENT_CHUNK,
-) -> Delivery:
-    """Send the window's events that the ledger has not settled, skipping erased people.
-
-    The window is read in chunks of `chunk` events (keyset pagination on occurred_at, event_id),
-    so memory is bounded by the chunk, not by the window: a first partition can hold years."""
-    started = time.perf_counter()
-    ensure_ledger(conn, schema)
-    t = tables(schema)
-    delivery = Delivery()
-    dry = client is None
-    query = sql.SQL(
+def _events_query(schema: str, t: dict, released: bool) -> sql.Composed:
+    """One chunk of unsettled events: of the window, or (released) held events now too old to trigger."""
+    scope = (
+        "l.status = 'suppressed' AND e.timestamp < %(cutoff)s "
+        "AND NOT (e.occurred_at >= %(start)s AND e.occurred_at < %(end)s)"
+        if released else
+        "e.occurred_at >= %(start)s AND e.occurred_at < %(end)s "
+        "AND (l.status IS NULL OR l.status NOT IN ('accepted', 'rejected', 'quarantined')) "
+        "AND (l.status IS DISTINCT FROM 'suppressed' OR e.timestamp < %(cutoff)s)"
+    )
+    return sql.SQL(
         """
         SELECT e.event_id, e.name, e.person_key, e.cio_identifier_type, e.cio_identifier, e.timestamp,
-               e.properties, e.occurred_at
-        FROM {events} e
-        WHERE e.occurred_at >= %(start)s AND e.occurred_at < %(end)s
+               e.properties, e.occurred_at, e.source_changed_at, l.status AS ledger_status
+        FROM {events} e LEFT JOIN {ledger} l ON l.event_id = e.event_id
+        WHERE """ + scope + """
           AND (e.occurred_at, e.event_id) > (%(after_at)s, %(after_id)s)
-          AND NOT EXISTS (SELECT 1 FROM {ledger} l WHERE l.event_id = e.event_id AND l.status IN ('accepted', 'rejected', 'quarantined'))
           AND NOT EXISTS (SELECT 1 FROM {erasures} x WHERE x.person_key = e.person_key)
           AND NOT EXISTS (SELECT 1 FROM {attrs} p WHERE p.person_key = e.person_key AND p.is_erased)
         ORDER BY e.occurred_at, e.event_id
@@ -273,37 +277,80 @@ def sync_events(
         """
     ).format(events=sql.Identifier(schema, "events"), ledger=t["events"], erasures=t["erasures"],
              attrs=sql.Identifier(schema, "person_attributes"))
-    after_at, after_id = "-infinity", ""
-    while True:
-        rows = read_frame(conn, query, {"start": start, "end": end, "after_at": after_at, "after_id": after_id,
-                                        "chunk": chunk}).to_dict("records")
-        if not rows:
-            break
-        after_at, after_id = rows[-1]["occurred_at"], rows[-1]["event_id"]
-        _send_events(conn, client, schema, t, rows, run_id, dry, delivery, log)
+
+
+def sync_events(
+    conn: psycopg.Connection, client: TrackClient | None, schema: str, *, start, end, run_id: str | None,
+    log: Callable[[str], None] = lambda _m: None, chunk: int = EVENT_CHUNK,
+    suppression: Suppression | None = None, now: datetime | None = None, path: str = "run", preview: bool = False,
+) -> Delivery:
+    """Send the window's events that the ledger has not settled, skipping erased people.
+
+    The window is read in chunks of `chunk` events (keyset pagination on occurred_at, event_id),
+    so memory is bounded by the chunk, not by the window: a first partition can hold years.
+    `suppression` (a backfill's policy) holds or skips events instead of sending them; events a
+    backfill held earlier are sent once they are older than the trigger window, whatever the
+    window. `preview` decides everything and counts it, and writes and sends nothing: the
+    counts are what the same call without `preview` would do now."""
+    started = time.perf_counter()
+    ensure_ledger(conn, schema)
+    t = tables(schema)
+    delivery = Delivery()
+    now = now or _now()
+    cutoff = trigger_cutoff(now)
+    scopes = [(False, path)]
+    if suppression is None or suppression.policy != "attributes_only":
+        scopes.append((True, "released"))
+    for released, scope_path in scopes:
+        query = _events_query(schema, t, released)
+        after_at, after_id = "-infinity", ""
+        while True:
+            rows = read_frame(conn, query, {"start": start, "end": end, "after_at": after_at, "after_id": after_id,
+                                            "chunk": chunk, "cutoff": cutoff}).to_dict("records")
+            if not rows:
+                break
+            after_at, after_id = rows[-1]["occurred_at"], rows[-1]["event_id"]
+            if released:
+                log(f"customerio_events_sync: {len(rows):,} events held by a backfill are now older than "
+                    f"{TRIGGER_WINDOW_HOURS} h and go out (they can no longer trigger a campaign)")
+            _send_events(conn, client, schema, t, rows, run_id, delivery, log,
+                         suppression=None if released else suppression, now=now, path=scope_path, preview=preview)
     delivery.seconds = time.perf_counter() - started
     return delivery
 
 
-def _send_events(conn, client, schema, t, rows, run_id, dry, delivery, log) -> None:
-    ops, sendable, quarantined = [], [], []
+def _send_events(conn, client, schema, t, rows, run_id, delivery, log, *, suppression, now, path, preview) -> None:
+    dry = client is None
+    ops, sendable, held = [], [], []
     for row in rows:
         op = sync.event_op(row)
         problem = op_problem(op)
         if problem:
-            quarantined.append(_event_row(row, "quarantined", problem, run_id, None))
-            delivery.count("quarantined", row["name"])
+            held.append(_event_row(row, "quarantined", problem, run_id, None, path))
+            delivery.count("would_quarantine" if preview else "quarantined", row["name"])
             continue
-        ops.append(op)
-        sendable.append(row)
+        decision = classify(int(row["timestamp"]), now, suppression)
+        if decision == SEND:
+            ops.append(op)
+            sendable.append(row)
+            continue
+        status = "suppressed" if decision == SUPPRESS else "skipped"
+        held.append(_event_row(row, status, suppression.reason(), run_id, None, path))
+        delivery.count(("would_" + decision) if preview else status, row["name"])
+    if preview:
+        for row in sendable:
+            delivery.count("would_send", row["name"])
+        return
     with conn.transaction():
-        _record_events(conn, t, quarantined)
-    log(f"customerio_events_sync: {len(ops):,} events to send, {len(quarantined):,} over a limit")
+        _record_events(conn, t, held)
+    log(f"customerio_events_sync: {len(ops):,} events to send, {len(held):,} not sent "
+        f"({delivery.outcomes.get('suppressed', 0):,} suppressed, {delivery.outcomes.get('skipped', 0):,} skipped, "
+        f"{delivery.outcomes.get('quarantined', 0):,} over a limit so far)")
 
     def settled(conn, accepted, rejected):
         status = "would_send" if dry else "accepted"
-        records = [_event_row(sendable[i], status, None, run_id, len(encode(ops[i]))) for i in accepted]
-        records += [_event_row(sendable[i], "rejected", reason, run_id, len(encode(ops[i]))) for i, reason in rejected.items()]
+        records = [_event_row(sendable[i], status, None, run_id, len(encode(ops[i])), path) for i in accepted]
+        records += [_event_row(sendable[i], "rejected", reason, run_id, len(encode(ops[i])), path) for i, reason in rejected.items()]
         _record_events(conn, t, records)
         for i in accepted:
             delivery.count(status, sendable[i]["name"])
@@ -313,8 +360,9 @@ def _send_events(conn, client, schema, t, rows, run_id, dry, delivery, log) -> N
     send_in_batches(conn, client, schema, "customerio_events_sync", run_id, ops, settled, delivery, log)
 
 
-def _event_row(row: dict, status: str, reason: str | None, run_id: str | None, op_bytes: int | None) -> tuple:
-    return (row["event_id"], row["name"], row["person_key"], status, reason, op_bytes, row["occurred_at"], _now(), run_id)
+def _event_row(row: dict, status: str, reason: str | None, run_id: str | None, op_bytes: int | None, path: str) -> tuple:
+    return (row["event_id"], row["name"], row["person_key"], status, reason, op_bytes, row["occurred_at"], _now(), run_id,
+            row.get("source_changed_at"), path)
 
 
 def _record_events(conn: psycopg.Connection, t: dict, records: list[tuple]) -> None:
@@ -322,9 +370,11 @@ def _record_events(conn: psycopg.Connection, t: dict, records: list[tuple]) -> N
         return
     with conn.cursor() as cur:
         cur.executemany(sql.SQL(
-            "INSERT INTO {} VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (event_id) DO UPDATE SET "
+            "INSERT INTO {} (event_id, name, person_key, status, reason, op_bytes, occurred_at, updated_at, run_id, "
+            "source_changed_at, path) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (event_id) DO UPDATE SET "
             "status = EXCLUDED.status, reason = EXCLUDED.reason, op_bytes = EXCLUDED.op_bytes, "
-            "updated_at = EXCLUDED.updated_at, run_id = EXCLUDED.run_id").format(t["events"]), records)
+            "updated_at = EXCLUDED.updated_at, run_id = EXCLUDED.run_id, source_changed_at = EXCLUDED.source_changed_at, "
+            "path = EXCLUDED.path").format(t["events"]), records)
 
 
 def report_rows(conn: psycopg.Connection, schema: str) -> list[tuple[str, str, int]]:
@@ -345,4 +395,87 @@ def report_rows(conn: psycopg.Connection, schema: str) -> list[tuple[str, str, i
     return [(k, s, int(n)) for k, s, n in rows if n]
 
 
-__all__ = ["sync_people", "sync_events", "report_rows", "Delivery", "ensure_ledger", "json"]
+
+
+
+# --- delivery latency: from the source row's change to Customer.io's acceptance -------------
+
+LIVE_PATHS = ("sensor", "run")  # backfills and released holds are late by design
+
+
+@dataclass(frozen=True)
+class Latency:
+    name: str  # an event name, or a use case
+    path: str
+    events: int
+    p50: float  # seconds
+    p95: float
+    max: float
+
+
+def latency_rows(conn: psycopg.Connection, schema: str, since: datetime | None = None) -> list[Latency]:
+    """p50 / p95 / max seconds from source_changed_at to acceptance, per event name and path."""
+    t = tables(schema)
+    ensure_ledger(conn, schema)
+    rows = conn.execute(sql.SQL(
+        """
+        SELECT name, path, count(*), percentile_cont(0.5) WITHIN GROUP (ORDER BY s),
+               percentile_cont(0.95) WITHIN GROUP (ORDER BY s), max(s)
+        FROM (SELECT name, coalesce(path, 'run') AS path, extract(epoch FROM updated_at - source_changed_at)::float8 AS s
+              FROM {events} WHERE status = 'accepted' AND source_changed_at IS NOT NULL
+                AND (%(since)s::timestamptz IS NULL OR updated_at >= %(since)s)) x
+        GROUP BY 1, 2 ORDER BY 1, 2
+        """
+    ).format(**t), {"since": since}).fetchall()
+    return [Latency(n, p, int(c), float(a), float(b), float(m)) for n, p, c, a, b, m in rows]
+
+
+def use_case_latency(conn: psycopg.Connection, schema: str, names: list[str], since: datetime) -> Latency | None:
+    """Latency of the live paths (sensor, run) over `names`, for events accepted since `since`."""
+    t = tables(schema)
+    ensure_ledger(conn, schema)
+    row = conn.execute(sql.SQL(
+        """
+        SELECT count(*), percentile_cont(0.5) WITHIN GROUP (ORDER BY s), percentile_cont(0.95) WITHIN GROUP (ORDER BY s), max(s)
+        FROM (SELECT extract(epoch FROM updated_at - source_changed_at)::float8 AS s FROM {events}
+              WHERE status = 'accepted' AND source_changed_at IS NOT NULL AND name = ANY(%(names)s)
+                AND coalesce(path, 'run') = ANY(%(paths)s) AND updated_at >= %(since)s) x
+        """
+    ).format(**t), {"names": names, "paths": list(LIVE_PATHS), "since": since}).fetchone()
+    if not row[0]:
+        return None
+    return Latency(",".join(names), "live", int(row[0]), float(row[1]), float(row[2]), float(row[3]))
+
+
+def recovery_false_positives(conn: psycopg.Connection, schema: str, delay_minutes: int, now: datetime | None = None) -> dict:
+    """checkout_started events that could trigger a recovery journey, and how many of them had
+    an order_paid paid before the journey's first message (checkout + delay) that Customer.io
+    learnt of only after it (or not yet): the shoppers who get a "you forgot something" after buying."""
+    t = tables(schema)
+    ensure_ledger(conn, schema)
+    empty = {"checkouts_that_could_trigger": 0, "paid_before_first_message_but_known_after": 0,
+             "first_message_after_minutes": delay_minutes}
+    if not conn.execute("SELECT 1 FROM information_schema.tables WHERE table_schema = %s AND table_name = 'events'",
+                        (schema,)).fetchone():
+        return empty
+    checkouts, at_risk = conn.execute(sql.SQL(
+        """
+        WITH c AS (
+            SELECT e.person_key, e.occurred_at FROM {ev} e JOIN {ledger} l USING (event_id)
+            WHERE e.name = 'checkout_started' AND l.status = 'accepted' AND coalesce(l.path, 'run') = ANY(%(paths)s)
+              AND l.updated_at < e.occurred_at + make_interval(hours => %(window)s)
+        ), o AS (
+            SELECT e.person_key, e.occurred_at AS paid_at,
+                   coalesce(CASE WHEN l.status = 'accepted' THEN l.updated_at END, %(now)s) AS known_at
+            FROM {ev} e LEFT JOIN {ledger} l USING (event_id) WHERE e.name = 'order_paid'
+        )
+        SELECT count(*), count(*) FILTER (WHERE EXISTS (
+            SELECT 1 FROM o WHERE o.person_key = c.person_key AND o.paid_at >= c.occurred_at
+              AND o.paid_at < c.occurred_at + make_interval(mins => %(delay)s)
+              AND o.known_at > c.occurred_at + make_interval(mins => %(delay)s)))
+        FROM c
+        """
+    ).format(ev=sql.Identifier(schema, "events"), ledger=t["events"]),
+        {"paths": list(LIVE_PATHS), "window": TRIGGER_WINDOW_HOURS, "delay": delay_minutes, "now": now or _now()}).fetchone()
+    return {"checkouts_that_could_trigger": int(checkouts), "paid_before_first_message_but_known_after": int(at_risk),
+            "first_message_after_minutes": delay_minutes}

@@ -26,7 +26,7 @@ OP_ENVELOPE_BYTES = 200  # type, action, identifiers, name, id, timestamp around
 
 EVENT_COLUMNS = [
     "event_id", "name", "person_key", "cio_identifier_type", "cio_identifier", "occurred_at", "timestamp",
-    "properties", "source_relation", "source_key", "data_bytes", "use_case",
+    "properties", "source_relation", "source_key", "data_bytes", "use_case", "source_changed_at",
 ]
 QUARANTINE_COLUMNS = ["name", "source_relation", "source_key", "occurred_at", "reason"]
 
@@ -73,22 +73,23 @@ def _first_orders_cte(schema: str) -> sql.Composed:
 
 
 def event_query(spec: contract.Event, schema: str) -> sql.Composed:
-    """source_key, occurred_at, person_key and every contract property of `spec`'s facts in
-    [%(start)s, %(end)s)."""
+    """source_key, occurred_at, source_changed_at, person_key and every contract property of
+    `spec`'s facts in [%(start)s, %(end)s). source_changed_at is when the source row last changed
+    (its updated_at, or its immutable *_at): where delivery latency is measured from."""
     t = lambda name: sql.Identifier(schema, name)  # noqa: E731
     ts = sql.Identifier(spec.timestamp_column)
     fmt = {"identity_map": t("identity_map"), "cart_items": t("cart_items_extract")}
     if spec.relation in _PERSON:
         person, join = _PERSON[spec.relation]
         body = sql.SQL(
-            "SELECT r.{key} AS source_key, r.{ts} AS occurred_at, " + person + " AS person_key, " + _SELECT[spec.name]
-            + " FROM {rel} r " + join + " WHERE r.{ts} >= %(start)s AND r.{ts} < %(end)s"
+            "SELECT r.{key} AS source_key, r.{ts} AS occurred_at, r.updated_at AS source_changed_at, " + person
+            + " AS person_key, " + _SELECT[spec.name] + " FROM {rel} r " + join + " WHERE r.{ts} >= %(start)s AND r.{ts} < %(end)s"
         ).format(key=sql.Identifier(spec.source_key[0]), ts=ts, rel=t(f"{spec.relation}_extract"), **fmt)
         if spec.name == "order_paid":
             # One pass over the history, joined once (a correlated EXISTS re-ran it per order).
             body = sql.SQL(
-                "SELECT r.{key} AS source_key, r.{ts} AS occurred_at, " + person + " AS person_key, " + _SELECT[spec.name]
-                + " FROM {rel} r " + join + " LEFT JOIN first_orders f ON f.order_id = r.order_id"
+                "SELECT r.{key} AS source_key, r.{ts} AS occurred_at, r.updated_at AS source_changed_at, " + person
+                + " AS person_key, " + _SELECT[spec.name] + " FROM {rel} r " + join + " LEFT JOIN first_orders f ON f.order_id = r.order_id"
                 + " WHERE r.{ts} >= %(start)s AND r.{ts} < %(end)s"
             ).format(key=sql.Identifier(spec.source_key[0]), ts=ts, rel=t(f"{spec.relation}_extract"), **fmt)
             return sql.SQL("WITH {} {}").format(_first_orders_cte(schema), body)
@@ -96,18 +97,20 @@ def event_query(spec: contract.Event, schema: str) -> sql.Composed:
     if spec.relation == "refunds":
         person, join = _PERSON["orders"]
         return sql.SQL(
-            "SELECT f.refund_id AS source_key, f.refunded_at AS occurred_at, " + person + " AS person_key, "
+            "SELECT f.refund_id AS source_key, f.refunded_at AS occurred_at, f.refunded_at AS source_changed_at, " + person + " AS person_key, "
             "f.refund_id, f.order_id, f.amount, r.currency FROM {refunds} f JOIN {orders} r USING (order_id) " + join
             + " WHERE f.refunded_at >= %(start)s AND f.refunded_at < %(end)s"
         ).format(refunds=t("refunds_extract"), orders=t("orders_extract"), **fmt)
     if spec.relation == "subscriptions":
         return sql.SQL(
-            "SELECT s.subscription_id AS source_key, s.{ts} AS occurred_at, s.customer_id AS person_key, "
+            "SELECT s.subscription_id AS source_key, s.{ts} AS occurred_at, s.updated_at AS source_changed_at, "
+            "s.customer_id AS person_key, "
             "s.subscription_id, s.sku, s.interval_days FROM {subs} s WHERE s.{ts} >= %(start)s AND s.{ts} < %(end)s"
         ).format(ts=ts, subs=t("subscriptions_extract"))
     if spec.relation == "subscription_renewals":
         return sql.SQL(
-            "SELECT n.renewal_id AS source_key, n.renewed_at AS occurred_at, s.customer_id AS person_key, "
+            "SELECT n.renewal_id AS source_key, n.renewed_at AS occurred_at, n.renewed_at AS source_changed_at, "
+            "s.customer_id AS person_key, "
             "n.subscription_id, n.renewal_id, n.order_id, s.sku, s.interval_days "
             "FROM {renewals} n JOIN {subs} s USING (subscription_id) "
             "WHERE n.renewed_at >= %(start)s AND n.renewed_at < %(end)s"
@@ -218,11 +221,19 @@ def build_events(name: str, facts: pd.DataFrame, people: pd.DataFrame, items: pd
         out.append((
             ulid.event_ulid(occurred, name, source_key), name, row.person_key, cio_type, cio_id, occurred,
             int(occurred.timestamp()), props, spec.relation, source_key, size, spec.use_case,
+            _changed_at(row, occurred),
         ))
     return BuiltEvents(
         events=pd.DataFrame(out, columns=EVENT_COLUMNS),
         quarantine=pd.DataFrame(held, columns=QUARANTINE_COLUMNS),
     )
+
+
+def _changed_at(row, occurred):
+    value = getattr(row, "source_changed_at", None)
+    if value is None or value is pd.NaT or (isinstance(value, float) and math.isnan(value)):
+        return occurred
+    return pd.Timestamp(value).to_pydatetime()
 
 
 def enabled_events(enable: tuple[str, ...] = (), disable: tuple[str, ...] = ()) -> list[contract.Event]:

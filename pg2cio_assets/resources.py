@@ -46,6 +46,8 @@ def resources_for(cfg: settings.Settings, env: str = "default") -> dict[str, obj
             role="state", url_env=settings.STATE_URL, fallback_env=settings.SOURCE_URL, schema_name=cfg.state_schema
         ),
         "customerio": CustomerIOResource(),
+        # The backfill preview's answer lives in its run's metadata; nothing to persist.
+        "preview_io_manager": dg.mem_io_manager,
     }
 
 

@@ -22,6 +22,11 @@ STORE_CURRENCY = "PG2CIO_STORE_CURRENCY"
 ENABLE_EVENTS = "PG2CIO_ENABLE_EVENTS"
 DISABLE_EVENTS = "PG2CIO_DISABLE_EVENTS"
 ERASURE_ACTION = "PG2CIO_ERASURE_ACTION"
+BACKFILL_POLICY = "PG2CIO_BACKFILL_POLICY"
+SENSOR_INTERVAL = "PG2CIO_SENSOR_INTERVAL_SECONDS"
+SENSOR_OVERLAP = "PG2CIO_SENSOR_OVERLAP_SECONDS"
+RECOVERY_DELAY = "PG2CIO_RECOVERY_DELAY_MINUTES"
+NIGHTLY_DAYS = "PG2CIO_NIGHTLY_DAYS"
 CIO_SITE_ID = "CUSTOMERIO_SITE_ID"
 CIO_API_KEY = "CUSTOMERIO_API_KEY"
 CIO_TRACK_URL = "CUSTOMERIO_TRACK_URL"
@@ -31,6 +36,12 @@ DEFAULT_SOURCE_SCHEMA = "commerce"
 DEFAULT_STATE_SCHEMA = "pg2cio"
 DEFAULT_PARTITION_START = "2024-01-01"
 DEFAULT_STORE_CURRENCY = "USD"
+BACKFILL_POLICIES = ("hold", "attributes_only", "send")
+DEFAULT_BACKFILL_POLICY = "hold"
+DEFAULT_SENSOR_INTERVAL = 30
+DEFAULT_SENSOR_OVERLAP = 300
+DEFAULT_RECOVERY_DELAY = 60
+DEFAULT_NIGHTLY_DAYS = 3
 
 # Every variable pg2cio reads: (name, meaning, default). The README's table is generated from it.
 VARIABLES: tuple[tuple[str, str, str], ...] = (
@@ -46,7 +57,12 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
     (CIO_SITE_ID + ", " + CIO_API_KEY, "Track API credentials (never logged)", "none"),
     (CIO_TRACK_URL, "Track API base URL (EU: https://track-eu.customer.io; or the emulator)", DEFAULT_TRACK_URL),
     (ERASURE_ACTION, "what an erased customer (deleted_at) gets, once: delete or suppress", "delete"),
-    ("PG2CIO_DAGSTER_URL", "Postgres for Dagster's own runs, events and schedules (deploy/dagster.yaml)", "set by the demo"),
+    (BACKFILL_POLICY, "what a backfill run does with events that could trigger campaigns (stamped within 72 h): hold, attributes_only or send", DEFAULT_BACKFILL_POLICY),
+    (SENSOR_INTERVAL, "seconds between two polls of the source by source_changes_sensor", str(DEFAULT_SENSOR_INTERVAL)),
+    (SENSOR_OVERLAP, "how far behind its cursor the sensor looks again, for rows committed late with an older updated_at", str(DEFAULT_SENSOR_OVERLAP)),
+    (RECOVERY_DELAY, "minutes after checkout_started that a journey's first recovery message goes (for the false-positive count)", str(DEFAULT_RECOVERY_DELAY)),
+    (NIGHTLY_DAYS, "daily partitions the nightly refresh rebuilds (yesterday and the days before it)", str(DEFAULT_NIGHTLY_DAYS)),
+    ("PG2CIO_DAGSTER_URL", "Postgres for Dagster's own runs, events and schedules (dagster.yaml)", "set by the demo"),
     ("PG2CIO_TEST_URL", "tests use this Postgres instead of starting a throwaway one", "none"),
     ("PG2CIO_DEMO_HOME", "where `pg2cio demo` keeps its cluster and DAGSTER_HOME", "~/.local/share/pg2cio/demo (root: /var/tmp/pg2cio-demo)"),
 )
@@ -112,6 +128,11 @@ class Settings:
     store_currency: str = DEFAULT_STORE_CURRENCY
     enable_events: tuple[str, ...] = ()
     disable_events: tuple[str, ...] = ()
+    backfill_policy: str = DEFAULT_BACKFILL_POLICY
+    sensor_interval_seconds: int = DEFAULT_SENSOR_INTERVAL
+    sensor_overlap_seconds: int = DEFAULT_SENSOR_OVERLAP
+    recovery_delay_minutes: int = DEFAULT_RECOVERY_DELAY
+    nightly_days: int = DEFAULT_NIGHTLY_DAYS
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -133,7 +154,28 @@ class Settings:
             state_schema=check_identifier(env.get(STATE_SCHEMA, "").strip() or DEFAULT_STATE_SCHEMA, STATE_SCHEMA),
             partition_start=start,
             dry_run=_flag(env, DRY_RUN),
+            backfill_policy=check_policy(env.get(BACKFILL_POLICY, "").strip() or DEFAULT_BACKFILL_POLICY, BACKFILL_POLICY),
+            sensor_interval_seconds=_count(env, SENSOR_INTERVAL, DEFAULT_SENSOR_INTERVAL, low=1),
+            sensor_overlap_seconds=_count(env, SENSOR_OVERLAP, DEFAULT_SENSOR_OVERLAP, low=0),
+            recovery_delay_minutes=_count(env, RECOVERY_DELAY, DEFAULT_RECOVERY_DELAY, low=1),
+            nightly_days=_count(env, NIGHTLY_DAYS, DEFAULT_NIGHTLY_DAYS, low=1),
         )
+
+
+def check_policy(value: str, where: str) -> str:
+    """A backfill suppression policy, or an error naming the three there are."""
+    if value not in BACKFILL_POLICIES:
+        raise ConfigError(f"{where}={value!r} is not a backfill policy: use one of {', '.join(BACKFILL_POLICIES)}")
+    return value
+
+
+def _count(env: Mapping[str, str], name: str, default: int, low: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    if not re.fullmatch(r"\d+", raw) or int(raw) < low:
+        raise ConfigError(f"{name}={raw!r} is not a whole number of at least {low}")
+    return int(raw)
 
 
 def resolve_url(primary: str, fallback: str | None = None, env: Mapping[str, str] | None = None) -> str:

@@ -10,10 +10,11 @@ import pytest
 from psycopg import sql
 
 from pg2cio_assets import contract, delivery
+from pg2cio_assets import events as ev
 from pg2cio_assets.assets.events import build_events_asset
 from pg2cio_assets.assets.extract import build_extract_assets
 from pg2cio_assets.assets.identity import identity_assets, person_attributes
-from pg2cio_assets.assets.sync import build_events_sync_asset, customerio_people_sync, delivery_report
+from pg2cio_assets.assets.sync import build_delivery_report, build_events_sync_asset, customerio_people_sync
 from pg2cio_assets.cio_emulator import CustomerIOEmulator
 from pg2cio_assets.customerio import CustomerIOUnavailable, TrackClient
 from pg2cio_assets.customerio import encode as sync_encode
@@ -27,6 +28,7 @@ from .conftest import AS_OF, SeededDB
 DAILY = daily_partitions("2026-11-01")
 FIRST, LAST = "2026-11-01", (AS_OF + timedelta(days=1)).date().isoformat()
 SITE, KEY = "site-test", "key-test"
+delivery_report = build_delivery_report(ev.enabled_events())
 SYNC = ["customerio_people_sync", "customerio_events_sync", "delivery_report"]
 UP_TO_EVENTS = [f"{r.name}_extract" for r in contract.SOURCE_RELATIONS] + [
     "identity_map", "people", "identity_merges", "person_attributes", "events"]

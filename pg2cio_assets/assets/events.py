@@ -28,6 +28,7 @@ CREATE TABLE IF NOT EXISTS {events} (
     source_relation text NOT NULL, source_key text NOT NULL, data_bytes integer NOT NULL, use_case text NOT NULL,
     _run_id text
 );
+ALTER TABLE {events} ADD COLUMN IF NOT EXISTS source_changed_at timestamptz;
 CREATE INDEX IF NOT EXISTS events_occurred_at ON {events} (occurred_at);
 CREATE INDEX IF NOT EXISTS events_person ON {events} (person_key);
 CREATE TABLE IF NOT EXISTS {quarantine} (

@@ -3,7 +3,7 @@
     .venv/bin/python bench/dagster_backfill.py [--customers 2000] [--write]
 
 Starts an embedded PostgreSQL configured like the demo's, seeds a store, and runs
-`pg2cio materialize --all` with DAGSTER_HOME holding deploy/dagster.yaml. Reports the wall
+`pg2cio materialize --all` with DAGSTER_HOME holding dagster.yaml. Reports the wall
 time and how it splits between pg2cio's work and Dagster's per-partition bookkeeping (one
 materialization event per asset and daily partition).
 """
@@ -45,7 +45,7 @@ def main() -> int:
                 conn.execute("CREATE DATABASE dagster")
             home = work / "dagster_home"
             home.mkdir()
-            shutil.copyfile(ROOT / "deploy" / "dagster.yaml", home / "dagster.yaml")
+            shutil.copyfile(ROOT / "dagster.yaml", home / "dagster.yaml")
             env = dict(os.environ, PG2CIO_SOURCE_URL=pg.url("store"), PG2CIO_DAGSTER_URL=pg.url("dagster"),
                        DAGSTER_HOME=str(home))
             env.pop("PG2CIO_STATE_URL", None)

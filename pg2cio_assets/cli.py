@@ -124,7 +124,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
         dagster_home = home / "dagster_home"
         dagster_home.mkdir(exist_ok=True)
-        shutil.copyfile(REPO_ROOT / "deploy" / "dagster.yaml", dagster_home / "dagster.yaml")
+        shutil.copyfile(REPO_ROOT / "dagster.yaml", dagster_home / "dagster.yaml")
         env = dict(
             os.environ,
             PG2CIO_SOURCE_URL=source_url,
@@ -181,7 +181,7 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
 
     if not os.environ.get("DAGSTER_HOME"):
         raise settings.ConfigError(
-            "DAGSTER_HOME is not set: point it at a directory holding a copy of deploy/dagster.yaml, so the run is "
+            "DAGSTER_HOME is not set: point it at a directory holding a copy of the project's dagster.yaml, so the run is "
             "recorded in your Dagster instance (pg2cio demo sets it for you)"
         )
     from pg2cio_assets.definitions import ASSETS, DAILY, RESOURCES

@@ -101,11 +101,22 @@ def limits_table() -> str:
     return "\n".join(rows) + "\n"
 
 
+def _minutes(m: int) -> str:
+    return f"{m} min" if m < 120 else f"{m // 60} h"
+
+
 def use_cases_table() -> str:
-    rows = ["| use case | what it drives | latency target |", "| --- | --- | --- |"]
+    """Each use case, its target, and where Dagster enforces it (derived, as the code derives it)."""
+    from pg2cio_assets.events import enabled_events
+
+    serving = contract.asset_use_cases(enabled_events())
+    event_use_cases = {e.use_case for e in enabled_events()}
+    rows = ["| use case | what it drives | latency target | freshness policy (fail window) on | delivery check |",
+            "| --- | --- | --- | --- | --- |"]
     for u in contract.USE_CASES.values():
-        target = f"{u.latency_minutes} min" if u.latency_minutes < 120 else f"{u.latency_minutes // 60} h"
-        rows.append(f"| {u.name} | {u.doc} | {target} |")
+        assets = [f"`{a}` ({_minutes(contract.latency_target_minutes(ucs))})" for a, ucs in serving.items() if u.name in ucs]
+        check = f"`delivery_report: {u.name}_delivery_within_target`" if u.name in event_use_cases else "(attributes only)"
+        rows.append(f"| {u.name} | {u.doc} | {_minutes(u.latency_minutes)} | {', '.join(assets)} | {check} |")
     return "\n".join(rows) + "\n"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -61,10 +62,12 @@ def test_identity_attributes_and_events_stand_downstream_of_the_extracts_with_bl
     assert all(checks[key] for key in expected), "every check must be declared and blocking"
 
 
-def test_dagster_validates_the_workspace():
+def test_dagster_validates_the_workspace_on_the_postgres_instance(dagster_database):
+    # Dagster reads ./dagster.yaml when DAGSTER_HOME is unset: the Postgres-backed instance.
+    env = {k: v for k, v in os.environ.items() if k != "DAGSTER_HOME"}
     out = subprocess.run(
         [sys.executable, "-m", "dagster", "definitions", "validate", "-w", "workspace.yaml"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**env, "PG2CIO_DAGSTER_URL": dagster_database},
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Validation successful for code location pg2cio" in out.stdout + out.stderr
@@ -87,10 +90,10 @@ def dagster_database(pg_url):
         conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
-def test_runs_are_recorded_in_the_postgres_instance_of_deploy_dagster_yaml(seeded, dagster_database, tmp_path, monkeypatch):
+def test_runs_are_recorded_in_the_postgres_instance_of_dagster_yaml(seeded, dagster_database, tmp_path, monkeypatch):
     home = tmp_path / "dagster_home"
     home.mkdir()
-    shutil.copyfile(ROOT / "deploy" / "dagster.yaml", home / "dagster.yaml")
+    shutil.copyfile(ROOT / "dagster.yaml", home / "dagster.yaml")
     monkeypatch.setenv("PG2CIO_DAGSTER_URL", dagster_database)
     from pg2cio_assets.assets.extract import build_extract_assets
     from pg2cio_assets.partitions import daily_partitions

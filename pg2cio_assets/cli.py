@@ -3,7 +3,8 @@
     pg2cio seed --customers 2000 --seed 7      # into $PG2CIO_SOURCE_URL
     pg2cio check-source                        # does $PG2CIO_SOURCE_URL provide the contract?
     pg2cio demo                                # embedded Postgres + seeded store + Dagster UI
-    pg2cio materialize --days 3                # one run of every asset over the last 3 days
+    pg2cio run --start 2026-11-01 --end 2026-11-30 [--backfill]   # the whole graph over a range
+    pg2cio materialize --days 3                # the same over the last 3 days
     pg2cio emulator --port 8765                # the Customer.io Track API emulator
 """
 
@@ -144,8 +145,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         env.update(CUSTOMERIO_TRACK_URL=emulator.url, CUSTOMERIO_SITE_ID="demo-site", CUSTOMERIO_API_KEY="demo-key")
         env.pop("PG2CIO_DRY_RUN", None)
         if args.days > 0:
-            _say(f"materializing every asset for the last {args.days} day(s), as one run recorded in the instance")
-            subprocess.run([sys.executable, "-m", "pg2cio_assets.cli", "materialize", "--days", str(args.days)],
+            _say(f"loading the store's history: every asset over the last {args.days} day(s) as one backfill run "
+                 "recorded in the instance (events stamped within 72 h are held, as for any backfill)")
+            subprocess.run([sys.executable, "-m", "pg2cio_assets.cli", "materialize", "--days", str(args.days), "--backfill"],
                            env=env, check=True)
         if args.no_ui:
             stats = emulator.stats()
@@ -175,38 +177,119 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         _say("embedded PostgreSQL stopped")
 
 
-def _cmd_materialize(args: argparse.Namespace) -> int:
-    """Materialize every asset over the last N daily partitions (or all), as one run in $DAGSTER_HOME's instance."""
+def _partition_keys(start: str | None, end: str | None, days: int | None, all_: bool) -> list[str]:
+    from pg2cio_assets.definitions import DAILY
+
+    keys = DAILY.get_partition_keys()
+    if all_:
+        return keys
+    if days is not None:
+        if days < 1:
+            raise settings.ConfigError("--days must be at least 1 (or pass --all)")
+        return keys[-days:]
+    for flag, value in (("--start", start), ("--end", end)):
+        try:
+            datetime.strptime(value or "", "%Y-%m-%d")
+        except ValueError:
+            raise settings.ConfigError(f"{flag} {value!r} is not a date: use YYYY-MM-DD") from None
+    if end < start:
+        raise settings.ConfigError(f"--end {end} is before --start {start}")
+    chosen = [k for k in keys if start <= k <= end]
+    if not chosen:
+        raise settings.ConfigError(
+            f"no daily partition between {start} and {end}: partitions run from {keys[0]} to {keys[-1]} "
+            f"(PG2CIO_PARTITION_START moves the first; it also holds everything older)")
+    return chosen
+
+
+def run_summary(result) -> dict:
+    """People, events per name and outcome, requests: what a run did, from its materializations."""
+    meta = {e.asset_key.to_user_string(): e.materialization.metadata for e in result.get_asset_materialization_events()}
+    value = lambda asset, key, default=None: meta.get(asset, {}).get(key).value if key in meta.get(asset, {}) else default  # noqa: E731
+    people_outcomes = value("customerio_people_sync", "outcomes", {}) or {}
+    event_outcomes = value("customerio_events_sync", "outcomes", {}) or {}
+    return {
+        "people": value("person_attributes", "dagster/row_count"),
+        "identifies": (value("customerio_people_sync", "by_name", {}) or {}).get("identify", {}),
+        "events_built": value("events", "events_by_name", {}),
+        "events_quarantined": value("events", "quarantined", 0),
+        "events_sent": value("customerio_events_sync", "by_name", {}),
+        "requests": (value("customerio_people_sync", "requests", 0) or 0) + (value("customerio_events_sync", "requests", 0) or 0),
+        "accepted": people_outcomes.get("accepted", 0) + event_outcomes.get("accepted", 0),
+        "rejected": people_outcomes.get("rejected", 0) + event_outcomes.get("rejected", 0),
+        "quarantined": event_outcomes.get("quarantined", 0),
+        "suppressed": event_outcomes.get("suppressed", 0),
+        "skipped": event_outcomes.get("skipped", 0),
+        "suppression": value("customerio_events_sync", "suppression_policy"),
+    }
+
+
+def print_summary(summary: dict) -> None:
+    _say(f"people: {summary['people'] if summary['people'] is not None else '(not materialized)'}")
+    built = summary["events_built"] or {}
+    sent = summary["events_sent"] or {}
+    names = sorted(set(built) | set(sent))
+    if names:
+        _say(f"  {'event':<24}{'built':>10}{'accepted':>10}{'rejected':>10}{'suppressed':>12}{'skipped':>9}{'quarant.':>10}")
+        for n in names:
+            s = sent.get(n, {})
+            _say(f"  {n:<24}{built.get(n, 0):>10,}{s.get('accepted', 0):>10,}{s.get('rejected', 0):>10,}"
+                 f"{s.get('suppressed', 0):>12,}{s.get('skipped', 0):>9,}{s.get('quarantined', 0):>10,}")
+    _say(f"requests: {summary['requests']:,}; accepted {summary['accepted']:,}, rejected {summary['rejected']:,}, "
+         f"quarantined {summary['quarantined']:,} (+{summary['events_quarantined']:,} facts that could not become events), "
+         f"suppressed {summary['suppressed']:,}, skipped {summary['skipped']:,}; "
+         f"suppression: {summary['suppression']}")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    """Materialize the whole graph over a date range, as one run recorded in $DAGSTER_HOME's instance."""
     import dagster as dg
 
     if not os.environ.get("DAGSTER_HOME"):
         raise settings.ConfigError(
             "DAGSTER_HOME is not set: point it at a directory holding a copy of the project's dagster.yaml, so the run is "
-            "recorded in your Dagster instance (pg2cio demo sets it for you)"
+            "recorded in your Dagster instance and shows in the UI (pg2cio demo sets it for you)"
         )
-    from pg2cio_assets.definitions import ASSETS, DAILY, RESOURCES
+    if args.policy and not args.backfill:
+        raise settings.ConfigError("--policy applies to backfills: add --backfill")
+    if args.policy:
+        settings.check_policy(args.policy, "--policy")
+    from pg2cio_assets.definitions import ASSETS, RESOURCES
 
-    keys = DAILY.get_partition_keys()
-    if not args.all:
-        if args.days < 1:
-            raise settings.ConfigError("--days must be at least 1 (or pass --all)")
-        keys = keys[-args.days:]
+    keys = _partition_keys(args.start, args.end, getattr(args, "days", None), getattr(args, "all", False))
+    run_config = None
+    if args.backfill:
+        run_config = {"ops": {"customerio_events_sync": {"config": {"suppress_triggers": True, "policy": args.policy}}}}
+    _say(f"running every asset over {keys[0]}..{keys[-1]} ({len(keys)} daily partition(s)) as one run"
+         + (f"; backfill: events that could trigger campaigns are handled by policy {args.policy or 'PG2CIO_BACKFILL_POLICY (default hold)'}"
+            if args.backfill else "; live: every unsettled event is sent"))
     with dg.DagsterInstance.get() as instance:
         result = dg.materialize(
             ASSETS,
             instance=instance,
             resources=RESOURCES,
-            tags={"dagster/asset_partition_range_start": keys[0], "dagster/asset_partition_range_end": keys[-1]},
+            run_config=run_config,
+            raise_on_error=False,
+            tags={"dagster/asset_partition_range_start": keys[0], "dagster/asset_partition_range_end": keys[-1],
+                  "pg2cio/cli": "run"},
         )
-    counts = {}
-    for event in result.get_asset_materialization_events():
-        meta = event.materialization.metadata
-        if "dagster/row_count" in meta:
-            counts[event.asset_key.to_user_string()] = meta["dagster/row_count"].value
-    for key, rows in sorted(counts.items()):
-        _say(f"  {key}: {rows:,} rows")
-    _say(f"run {result.run_id} {'succeeded' if result.success else 'failed'} over {keys[0]}..{keys[-1]}")
-    return 0 if result.success else 1
+    print_summary(run_summary(result))
+    if not result.success:
+        failed = [e.step_key for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+        for event in result.all_events:
+            if event.event_type_value == "STEP_FAILURE":
+                err = event.event_specific_data.error
+                _say(f"step {event.step_key} failed: {err.message.strip() if err else ''}")
+        _say(f"run {result.run_id} FAILED ({', '.join(failed)}); open it in the UI (Runs) for the logs")
+        return 1
+    _say(f"run {result.run_id} succeeded over {keys[0]}..{keys[-1]}")
+    return 0
+
+
+def _cmd_materialize(args: argparse.Namespace) -> int:
+    """The last N days (or all): `pg2cio run` over a range ending today."""
+    args.start = args.end = None
+    return _cmd_run(args)
 
 
 def _cmd_emulator(args: argparse.Namespace) -> int:
@@ -214,6 +297,13 @@ def _cmd_emulator(args: argparse.Namespace) -> int:
 
     serve(args.host, args.port, args.site_id, args.api_key)
     return 0
+
+
+def _backfill_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backfill", action="store_true",
+                   help="replaying history: apply the trigger suppression policy to events stamped within 72 h")
+    p.add_argument("--policy", choices=settings.BACKFILL_POLICIES,
+                   help="with --backfill: hold (default), attributes_only or send")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -251,9 +341,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default="emulator-key")
     p.set_defaults(func=_cmd_emulator)
 
-    p = sub.add_parser("materialize", help="one run of every asset over the last N days, recorded in $DAGSTER_HOME's instance")
+    p = sub.add_parser("run", help="materialize the whole graph over a date range as one run in $DAGSTER_HOME's instance, "
+                       "and print what reached Customer.io")
+    p.add_argument("--start", required=True, help="first day, YYYY-MM-DD (UTC)")
+    p.add_argument("--end", required=True, help="last day, YYYY-MM-DD (UTC), included")
+    _backfill_flags(p)
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("materialize", help="like run, over the last N days ending today (or --all)")
     p.add_argument("--days", type=int, default=1, help="how many daily partitions, ending today (default %(default)s)")
     p.add_argument("--all", action="store_true", help="every partition since PG2CIO_PARTITION_START")
+    _backfill_flags(p)
     p.set_defaults(func=_cmd_materialize)
     return parser
 

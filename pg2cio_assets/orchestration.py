@@ -82,8 +82,7 @@ def build_jobs(partitions: dg.PartitionsDefinition) -> tuple:
 
 def _clamp(days: list[date], partitions: dg.TimeWindowPartitionsDefinition, now: datetime) -> tuple[str, str]:
     first = partitions.start.astimezone(timezone.utc).date()
-    last_key = partitions.get_last_partition_key(current_time=now)
-    last = date.fromisoformat(last_key)
+    last = now.astimezone(timezone.utc).date()  # today's partition exists (end_offset=1)
     lo = min(max(min(days), first), last)
     hi = min(max(max(days), first), last)
     return lo.isoformat(), hi.isoformat()

@@ -5,6 +5,7 @@
     pg2cio demo                                # embedded Postgres + seeded store + Dagster UI
     pg2cio run --start 2026-11-01 --end 2026-11-30 [--backfill]   # the whole graph over a range
     pg2cio materialize --days 3                # the same over the last 3 days
+    pg2cio verify --person cus_0000001         # one test identify + event, read back
     pg2cio emulator --port 8765                # the Customer.io Track API emulator
 """
 
@@ -292,6 +293,90 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
     return _cmd_run(args)
 
 
+def verify_ops(identifiers: dict, now: datetime, check_id: str) -> list[dict]:
+    """The test identify and the test event `pg2cio verify` sends (the event is the contract's)."""
+    from pg2cio_assets import ulid
+
+    spec = contract.event("pg2cio_verified")
+    stamp = int(now.timestamp())
+    return [
+        {"type": "person", "identifiers": identifiers, "action": "identify",
+         "attributes": {contract.VERIFY_ATTRIBUTE: stamp, "_timestamp": stamp}},
+        {"type": "person", "identifiers": identifiers, "action": "event", "name": spec.name,
+         "id": ulid.event_ulid(now, spec.name, check_id), "timestamp": stamp,
+         "attributes": {"check_id": check_id, "sent_by": "pg2cio verify"}},
+    ]
+
+
+def _identifiers_for(args: argparse.Namespace) -> tuple[dict, str]:
+    chosen = [(k, v) for k, v in (("person", args.person), ("id", args.id), ("email", args.email)) if v]
+    if len(chosen) != 1:
+        raise settings.ConfigError("choose the profile with exactly one of --person KEY, --id ID or --email EMAIL")
+    kind, value = chosen[0]
+    if kind != "person":
+        return {kind: value}, f"{kind} {value}"
+    cfg = settings.Settings.from_env()
+    url = settings.resolve_url(settings.STATE_URL, settings.SOURCE_URL)
+    with connect(url, "state") as conn:
+        try:
+            row = conn.execute(sql.SQL("SELECT cio_identifier_type, cio_identifier FROM {} WHERE person_key = %s").format(
+                sql.Identifier(cfg.state_schema, "people")), (value,)).fetchone()
+        except psycopg.errors.UndefinedTable:
+            raise settings.ConfigError(f"{cfg.state_schema}.people does not exist yet: materialize identity first") from None
+    if row is None:
+        raise settings.ConfigError(f"no person {value!r} in {cfg.state_schema}.people")
+    return {row[0]: row[1]}, f"person {value} ({row[0]} {row[1]})"
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    """Send one identify and one event to a chosen profile, then read them back where the API allows."""
+    import uuid
+
+    import httpx
+
+    from pg2cio_assets.customerio import encode
+    from pg2cio_assets.resources import CustomerIOResource
+
+    identifiers, who = _identifiers_for(args)
+    client = CustomerIOResource(dry_run=False).client(_say)
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+    check_id = uuid.uuid4().hex[:12]
+    ops = verify_ops(identifiers, now, check_id)
+    with client:
+        result = client.send_batch([encode(op) for op in ops])
+        if result.errors:
+            for i, reason in sorted(result.errors.items()):
+                _say(f"Customer.io rejected the test {ops[i]['action']}: {reason}")
+            return 1
+        _say(f"sent to {who}: identify ({contract.VERIFY_ATTRIBUTE}={int(now.timestamp())}) and event "
+             f"pg2cio_verified (check {check_id}): accepted ({result.status})")
+        base = client.base_url
+    # Reading back needs read endpoints: the emulator has them; the Track API has none.
+    key, value = next(iter(identifiers.items()))
+    try:
+        people = httpx.get(f"{base}/_emulator/people", timeout=10)
+        events = httpx.get(f"{base}/_emulator/events", params={"name": "pg2cio_verified"}, timeout=10)
+    except httpx.HTTPError as exc:
+        _say(f"read-back unavailable ({type(exc).__name__}); in Customer.io, open People, find {who} and look for "
+             f"the event pg2cio_verified with check_id {check_id}")
+        return 0
+    if people.status_code != 200 or events.status_code != 200:
+        _say(f"read-back unavailable at {base} (the Track API has no read endpoint); in Customer.io, open People, find "
+             f"{who} and look for the event pg2cio_verified with check_id {check_id} and the attribute {contract.VERIFY_ATTRIBUTE}")
+        return 0
+    match = lambda p: (p.get(key) or "").lower() == value.lower() if key == "email" else p.get(key) == value  # noqa: E731
+    profile = next((p for p in people.json() if match(p)), None)
+    event = next((e for e in events.json() if e["data"].get("check_id") == check_id), None)
+    ok = (profile is not None and profile["attributes"].get(contract.VERIFY_ATTRIBUTE) == int(now.timestamp())
+          and event is not None and event["timestamp"] == int(now.timestamp()))
+    if ok:
+        _say(f"read back: the profile holds {contract.VERIFY_ATTRIBUTE} and the event pg2cio_verified arrived on it "
+             f"({event['person']}): identity validated")
+        return 0
+    _say(f"read back FAILED: profile {'found' if profile else 'missing'}, event {'found' if event else 'missing'}")
+    return 1
+
+
 def _cmd_emulator(args: argparse.Namespace) -> int:
     from pg2cio_assets.cio_emulator import serve
 
@@ -333,6 +418,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="materialize the last N days first, so the UI opens on data (0: skip; default %(default)s)")
     p.add_argument("--no-ui", action="store_true", help="prepare Postgres, the store and the first run, then stop")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("verify", help="send one test identify and one test event to a chosen profile and read them back "
+                       "(the 'validate identity' step of a rollout)")
+    p.add_argument("--person", help="a person_key of pg2cio's people table (uses its Customer.io identifier)")
+    p.add_argument("--id", help="a Customer.io id")
+    p.add_argument("--email", help="a Customer.io email identifier")
+    p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("emulator", help="run the Customer.io Track API emulator in the foreground")
     p.add_argument("--host", default="127.0.0.1")

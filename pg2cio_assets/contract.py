@@ -448,15 +448,15 @@ class Event:
     timestamp_column: str  # when it happened: the event's timestamp and its daily partition
     properties: tuple[EventProperty, ...]
     use_case: str
-    owner: str = "postgres"  # "postgres": pg2cio emits it; "app": the store's app does, pg2cio never
+    owner: str = "postgres"  # "postgres": pg2cio emits it; "app": the store's app does; "verify": only `pg2cio verify`
     enabled_by_default: bool = True
     items: bool = False  # carry the line items (sku, title, category, quantity, price)
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[a-z][a-z0-9_]*", self.name) or len(self.name.encode()) > 100:
             raise ValueError(f"event name {self.name!r} must be snake_case and at most 100 bytes")
-        if self.owner not in ("postgres", "app"):
-            raise ValueError(f"event {self.name}: owner must be postgres or app")
+        if self.owner not in ("postgres", "app", "verify"):
+            raise ValueError(f"event {self.name}: owner must be postgres, app or verify")
         if self.use_case not in USE_CASES:
             raise ValueError(f"event {self.name}: unknown use case {self.use_case!r}")
         RELATIONS_BY_NAME[self.relation].column(self.timestamp_column)
@@ -492,7 +492,12 @@ EVENTS: tuple[Event, ...] = (
            _p("sku", "string"), _p("interval_days", "integer")), "replenishment"),
     Event("subscription_canceled", "a subscription was canceled: the save trigger", "subscriptions", "canceled_at",
           (_p("subscription_id", "string"), _p("sku", "string"), _p("interval_days", "integer")), "subscription"),
+    Event("pg2cio_verified", "a test event `pg2cio verify` sends to one chosen profile during a rollout; build no journey on it",
+          "customers", "updated_at", (_p("check_id", "string"), _p("sent_by", "string")), "profile", owner="verify",
+          enabled_by_default=False),
 )
+# The attribute `pg2cio verify` sets on the profile it checks (unix seconds, like every *_at).
+VERIFY_ATTRIBUTE = "pg2cio_verified_at"
 
 EVENTS_BY_NAME: dict[str, Event] = {e.name: e for e in EVENTS}
 

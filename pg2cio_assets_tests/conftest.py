@@ -85,3 +85,14 @@ def make_seeded(pg_url, new_schema):
 def seeded(make_seeded, store) -> SeededDB:
     """The 1,000-customer demo store, loaded for this test alone."""
     return make_seeded(store)
+
+
+@pytest.fixture
+def dagster_database(pg_url):
+    """A database of its own for a Postgres-backed Dagster instance (dagster.yaml), dropped after."""
+    name = f"t_dagster_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    yield pg_url.rsplit("/", 1)[0] + "/" + name
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))

@@ -6,13 +6,10 @@ import os
 import shutil
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import dagster as dg
 import psycopg
-import pytest
-from psycopg import sql
 
 from pg2cio_assets import contract, docs
 from pg2cio_assets.assets.extract import WINDOW_CHECK
@@ -62,6 +59,12 @@ def test_identity_attributes_and_events_stand_downstream_of_the_extracts_with_bl
     assert all(checks[key] for key in expected), "every check must be declared and blocking"
 
 
+def test_both_syncs_share_the_customerio_pool():
+    graph = defs.resolve_asset_graph()
+    for key in ("customerio_people_sync", "customerio_events_sync"):
+        assert graph.get(dg.AssetKey(key)).assets_def.node_def.pools == {"customerio"}, key
+
+
 def test_dagster_validates_the_workspace_on_the_postgres_instance(dagster_database):
     # Dagster reads ./dagster.yaml when DAGSTER_HOME is unset: the Postgres-backed instance.
     env = {k: v for k, v in os.environ.items() if k != "DAGSTER_HOME"}
@@ -80,16 +83,6 @@ def test_readme_tables_are_generated_from_the_contract():
         assert f"| `{rel.name}` |" in readme
 
 
-@pytest.fixture
-def dagster_database(pg_url):
-    name = f"t_dagster_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(pg_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    yield pg_url.rsplit("/", 1)[0] + "/" + name
-    with psycopg.connect(pg_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
-
-
 def test_runs_are_recorded_in_the_postgres_instance_of_dagster_yaml(seeded, dagster_database, tmp_path, monkeypatch):
     home = tmp_path / "dagster_home"
     home.mkdir()
@@ -101,6 +94,11 @@ def test_runs_are_recorded_in_the_postgres_instance_of_dagster_yaml(seeded, dags
 
     with dg.DagsterInstance.from_config(str(home)) as instance:
         assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+        # Runs are queued, one sensor run at a time, and the customerio pool has one slot.
+        concurrency = instance.get_concurrency_config()
+        assert concurrency.pool_config.default_pool_limit == 1
+        limits = {(t["key"], t.get("value")): t["limit"] for t in concurrency.run_queue_config.tag_concurrency_limits}
+        assert limits[("dagster/sensor_name", "source_changes_sensor")] == 1
         result = dg.materialize(
             build_extract_assets(daily_partitions("2024-01-01"), seeded.state_schema),
             instance=instance,

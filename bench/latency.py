@@ -98,7 +98,7 @@ def main() -> int:
             print(f"history loaded as a backfill in {time.perf_counter() - t:.0f} s", flush=True)
 
             log = open(work / "daemon.log", "w")
-            daemon = subprocess.Popen([sys.executable, "-m", "dagster", "daemon", "run", "-w", str(ROOT / "workspace.yaml")],
+            daemon = subprocess.Popen([str(Path(sys.executable).with_name("dagster-daemon")), "run", "-w", str(ROOT / "workspace.yaml")],
                                       env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
             subprocess.run([sys.executable, "-m", "dagster", "sensor", "start", "source_changes_sensor", "-w",
                             str(ROOT / "workspace.yaml")], env=env, cwd=ROOT, check=True, capture_output=True)

@@ -118,21 +118,24 @@ def event_query(spec: contract.Event, schema: str) -> sql.Composed:
     raise NotImplementedError(f"event {spec.name}: no query for relation {spec.relation}")
 
 
-def items_query(spec: contract.Event, schema: str) -> sql.Composed:
-    """Line items of the window's facts: source_key, sku, title, category, quantity, price."""
+def items_query(spec: contract.Event, schema: str, by_keys: bool = False) -> sql.Composed:
+    """Line items of the window's facts: source_key, sku, title, category, quantity, price.
+    by_keys: the items of the facts whose keys are in %(keys)s instead (one chunk of facts)."""
     t = lambda name: sql.Identifier(schema, name)  # noqa: E731
     ts = sql.Identifier(spec.timestamp_column)
     if spec.relation == "carts":
+        where = "i.cart_id = ANY(%(keys)s)" if by_keys else "r.{ts} >= %(start)s AND r.{ts} < %(end)s"
         return sql.SQL(
             "SELECT i.cart_id AS source_key, i.sku, p.title, p.category, i.quantity, i.unit_price AS price "
             "FROM {items} i JOIN {carts} r USING (cart_id) LEFT JOIN {products} p USING (sku) "
-            "WHERE r.{ts} >= %(start)s AND r.{ts} < %(end)s ORDER BY i.cart_id, i.sku"
+            "WHERE " + where + " ORDER BY i.cart_id, i.sku"
         ).format(items=t("cart_items_extract"), carts=t("carts_extract"), products=t("products_extract"), ts=ts)
     if spec.relation == "orders":
+        where = "i.order_id = ANY(%(keys)s)" if by_keys else "r.{ts} >= %(start)s AND r.{ts} < %(end)s"
         return sql.SQL(
             "SELECT i.order_id AS source_key, i.sku, i.title, i.category, i.quantity, i.unit_price AS price "
             "FROM {items} i JOIN {orders} r USING (order_id) "
-            "WHERE r.{ts} >= %(start)s AND r.{ts} < %(end)s ORDER BY i.order_id, i.line_no"
+            "WHERE " + where + " ORDER BY i.order_id, i.line_no"
         ).format(items=t("order_items_extract"), orders=t("orders_extract"), ts=ts)
     raise NotImplementedError(f"event {spec.name}: line items need a carts or orders relation, not {spec.relation}")
 
@@ -297,3 +300,22 @@ def check_events(events: pd.DataFrame, start, end) -> dict[str, tuple[bool, dict
         "timestamps_inside_partition_window": (outside.empty and bool(secs_ok), {"outside_window": len(outside)}),
         "properties_have_contract_types": (not type_errors, {"errors": len(type_errors), "examples": "; ".join(type_errors[:5]) or "(none)"}),
     }
+
+
+def combine_checks(parts: list[dict[str, tuple[bool, dict]]]) -> dict[str, tuple[bool, dict]]:
+    """check_events over chunks of one window, as if over the whole: all must pass; counts add up,
+    names and examples are merged."""
+    out: dict[str, tuple[bool, dict]] = {}
+    for part in parts:
+        for name, (passed, meta) in part.items():
+            if name not in out:
+                out[name] = (passed, dict(meta))
+                continue
+            ok, acc = out[name]
+            for key, value in meta.items():
+                if isinstance(value, int) and not isinstance(value, bool):
+                    acc[key] = acc.get(key, 0) + value
+                elif value != "(none)":
+                    acc[key] = value if acc.get(key) in (None, "(none)") else f"{acc[key]}; {value}"
+            out[name] = (ok and passed, acc)
+    return out

@@ -39,9 +39,35 @@ CREATE INDEX IF NOT EXISTS events_quarantine_occurred_at ON {quarantine} (occurr
 """
 
 
-def _concat(frames: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
-    frames = [f for f in frames if len(f)]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+CHUNK_ROWS = 50_000
+
+
+def _chunks(conn, query, params: dict, name: str):
+    """The query's rows as DataFrames of up to CHUNK_ROWS, through a server-side cursor (the
+    caller's transaction keeps it open). Columns come from the cursor, so an empty result still
+    has them."""
+    with conn.cursor(name=f"facts_{name}") as cur:
+        cur.itersize = CHUNK_ROWS
+        cur.execute(query, params)
+        columns = None
+        while True:
+            rows = cur.fetchmany(CHUNK_ROWS)
+            columns = columns or [d.name for d in cur.description]
+            if not rows:
+                break
+            yield pd.DataFrame.from_records(rows, columns=columns)
+
+
+def _copy(cur, table, columns: list[str], frame: pd.DataFrame, run_id: str, jsonb: str | None = None) -> None:
+    if frame.empty:
+        return
+    at = columns.index(jsonb) if jsonb else None
+    with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN").format(
+            table, sql.SQL(", ").join(map(sql.Identifier, columns + ["_run_id"])))) as copy:
+        for row in frame[columns].itertuples(index=False, name=None):
+            if at is not None:
+                row = (*row[:at], Jsonb(row[at]), *row[at + 1:])
+            copy.write_row((*row, run_id))
 
 
 def build_events_asset(partitions: dg.PartitionsDefinition, enable: tuple[str, ...], disable: tuple[str, ...]) -> dg.AssetsDefinition:
@@ -67,53 +93,58 @@ def build_events_asset(partitions: dg.PartitionsDefinition, enable: tuple[str, .
         start, end = run_window(context, partitions)
         params = {"start": sql_bound(start), "end": end}
         schema = state.schema_name
-        built, held = [], []
+        run_id = context.run.run_id
+        per_name: dict[str, int] = {}
+        reasons: dict[str, int] = {}
+        checks = []
+        total = held_total = 0
+        names = {"events": sql.Identifier(schema, "events"), "quarantine": sql.Identifier(schema, "events_quarantine")}
         with state.connect() as conn:
             people = read_frame(conn, sql.SQL("SELECT person_key, cio_identifier_type, cio_identifier FROM {}").format(
                 sql.Identifier(schema, "people")))
-            for spec in enabled:
-                facts = read_frame(conn, ev.event_query(spec, schema), params)
-                items = read_frame(conn, ev.items_query(spec, schema), params) if spec.items else None
-                result = ev.build_events(spec.name, facts, people, items)
-                built.append(result.events)
-                held.append(result.quarantine)
-                context.log.info(f"{spec.name}: {len(result.events):,} events, {len(result.quarantine):,} quarantined")
-            all_events = _concat(built, ev.EVENT_COLUMNS)
-            all_held = _concat(held, ev.QUARANTINE_COLUMNS)
-            run_id = context.run.run_id
-            names = {"events": sql.Identifier(schema, "events"), "quarantine": sql.Identifier(schema, "events_quarantine")}
+            # One transaction: the window is replaced whole or not at all. Facts stream through a
+            # server-side cursor in chunks, so memory is bounded by the chunk, not the window.
             with conn.transaction(), conn.cursor() as cur:
                 cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
                 cur.execute(sql.SQL(EVENTS_DDL).format(**names))
                 for table in names.values():
                     cur.execute(sql.SQL("DELETE FROM {} WHERE occurred_at >= %(start)s AND occurred_at < %(end)s").format(table), params)
-                with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN").format(
-                        names["events"], sql.SQL(", ").join(map(sql.Identifier, ev.EVENT_COLUMNS + ["_run_id"])))) as copy:
-                    for row in all_events.itertuples(index=False, name=None):
-                        row = list(row)
-                        row[ev.EVENT_COLUMNS.index("properties")] = Jsonb(row[ev.EVENT_COLUMNS.index("properties")])
-                        copy.write_row((*row, run_id))
-                with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN").format(
-                        names["quarantine"], sql.SQL(", ").join(map(sql.Identifier, ev.QUARANTINE_COLUMNS + ["_run_id"])))) as copy:
-                    for row in all_held.itertuples(index=False, name=None):
-                        copy.write_row((*row, run_id))
-        checks = ev.check_events(all_events, start, end)
-        per_name = all_events["name"].value_counts().to_dict()
-        reasons = all_held["reason"].value_counts().to_dict()
+                for spec in enabled:
+                    built = quarantined = 0
+                    for facts in _chunks(conn, ev.event_query(spec, schema), params, spec.name):
+                        items = None
+                        if spec.items:
+                            items = read_frame(conn, ev.items_query(spec, schema, by_keys=True),
+                                               {"keys": [str(k) for k in facts["source_key"]]})
+                        result = ev.build_events(spec.name, facts, people, items)
+                        _copy(cur, names["events"], ev.EVENT_COLUMNS, result.events, run_id, jsonb="properties")
+                        _copy(cur, names["quarantine"], ev.QUARANTINE_COLUMNS, result.quarantine, run_id)
+                        checks.append(ev.check_events(result.events, start, end))
+                        for reason, n in result.quarantine["reason"].value_counts().items():
+                            reasons[reason] = reasons.get(reason, 0) + int(n)
+                        built += len(result.events)
+                        quarantined += len(result.quarantine)
+                        if len(facts) == CHUNK_ROWS:
+                            context.log.info(f"{spec.name}: {built:,} events so far")
+                    per_name[spec.name] = built
+                    total += built
+                    held_total += quarantined
+                    context.log.info(f"{spec.name}: {built:,} events, {quarantined:,} quarantined")
+        combined = ev.combine_checks(checks) if checks else ev.check_events(pd.DataFrame(columns=ev.EVENT_COLUMNS), start, end)
         if reasons:
-            context.log.warning(f"{len(all_held):,} facts quarantined: {reasons}")
+            context.log.warning(f"{held_total:,} facts quarantined: {reasons}")
         return dg.MaterializeResult(
             metadata={
-                "dagster/row_count": len(all_events),
-                "events_by_name": dg.MetadataValue.json({k: int(v) for k, v in sorted(per_name.items())}),
-                "quarantined": len(all_held),
-                "quarantined_by_reason": dg.MetadataValue.json({k: int(v) for k, v in reasons.items()}),
+                "dagster/row_count": total,
+                "events_by_name": dg.MetadataValue.json({k: int(v) for k, v in sorted(per_name.items()) if v}),
+                "quarantined": held_total,
+                "quarantined_by_reason": dg.MetadataValue.json(reasons),
                 "window_start": start.isoformat(),
                 "window_end": end.isoformat(),
                 "enabled_events": ", ".join(e.name for e in enabled),
             },
             check_results=[dg.AssetCheckResult(check_name=name, passed=bool(passed), metadata=meta)
-                           for name, (passed, meta) in checks.items()],
+                           for name, (passed, meta) in combined.items()],
         )
 
     return events

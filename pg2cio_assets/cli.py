@@ -258,9 +258,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from pg2cio_assets.definitions import ASSETS, RESOURCES
 
     keys = _partition_keys(args.start, args.end, getattr(args, "days", None), getattr(args, "all", False))
-    run_config = None
+    # Progress (rows extracted, batches sent) at INFO; Dagster's per-step DEBUG events stay in the instance.
+    run_config: dict = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
     if args.backfill:
-        run_config = {"ops": {"customerio_events_sync": {"config": {"suppress_triggers": True, "policy": args.policy}}}}
+        run_config["ops"] = {"customerio_events_sync": {"config": {"suppress_triggers": True, "policy": args.policy}}}
     _say(f"running every asset over {keys[0]}..{keys[-1]} ({len(keys)} daily partition(s)) as one run"
          + (f"; backfill: events that could trigger campaigns are handled by policy {args.policy or 'PG2CIO_BACKFILL_POLICY (default hold)'}"
             if args.backfill else "; live: every unsettled event is sent"))

@@ -11,12 +11,9 @@ materialization event per asset and daily partition).
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from seed_store import machine  # noqa: E402
 
-from pg2cio_assets.pgembed import EmbeddedPostgres  # noqa: E402
+from stack import CLI, dagster_stack  # noqa: E402
 
 SECTION = "dagster_backfill"
 
@@ -36,30 +33,15 @@ def main() -> int:
     parser.add_argument("--customers", type=int, default=2000)
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="pg2cio-bench-", dir="/var/tmp" if os.geteuid() == 0 else None))
-    os.chmod(work, 0o755)
-    try:
-        with EmbeddedPostgres(work / "pgdata", durable=True) as pg:
-            with psycopg.connect(pg.url(), autocommit=True) as conn:
-                conn.execute("CREATE DATABASE store")
-                conn.execute("CREATE DATABASE dagster")
-            home = work / "dagster_home"
-            home.mkdir()
-            shutil.copyfile(ROOT / "dagster.yaml", home / "dagster.yaml")
-            env = dict(os.environ, PG2CIO_SOURCE_URL=pg.url("store"), PG2CIO_DAGSTER_URL=pg.url("dagster"),
-                       DAGSTER_HOME=str(home))
-            env.pop("PG2CIO_STATE_URL", None)
-            cli = [sys.executable, "-m", "pg2cio_assets.cli"]
-            subprocess.run(cli + ["seed", "--customers", str(args.customers), "--as-of", "2026-12-01T00:00:00+00:00"],
-                           env=env, check=True, capture_output=True)
-            t = time.perf_counter()
-            out = subprocess.run(cli + ["materialize", "--all"], env=env, check=True, capture_output=True, text=True)
-            wall = time.perf_counter() - t
-            with psycopg.connect(pg.url("dagster")) as conn:
-                events = conn.execute("SELECT count(*) FROM event_logs WHERE dagster_event_type = 'ASSET_MATERIALIZATION'").fetchone()[0]
-            ran = re.search(r"succeeded over (\S+)", out.stdout)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with dagster_stack("pg2cio-bench-") as (pg, env, _work):
+        subprocess.run(CLI + ["seed", "--customers", str(args.customers), "--as-of", "2026-12-01T00:00:00+00:00"],
+                       env=env, check=True, capture_output=True)
+        t = time.perf_counter()
+        out = subprocess.run(CLI + ["materialize", "--all"], env=env, check=True, capture_output=True, text=True)
+        wall = time.perf_counter() - t
+        with psycopg.connect(pg.url("dagster")) as conn:
+            events = conn.execute("SELECT count(*) FROM event_logs WHERE dagster_event_type = 'ASSET_MATERIALIZATION'").fetchone()[0]
+        ran = re.search(r"succeeded over (\S+)", out.stdout)
     report = (
         f"Machine: {machine()}.\n\n"
         f"### Whole-history single-run backfill through the Postgres-backed instance ({args.customers:,} customers)\n\n"

@@ -19,13 +19,9 @@ emulator in its own process, it measures, in one run of this script:
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -39,16 +35,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 from seed_store import machine, write_section  # noqa: E402
 
 from pg2cio_assets import contract  # noqa: E402
-from pg2cio_assets.pgembed import EmbeddedPostgres  # noqa: E402
+from stack import CLI, dagster_stack, emulator_process  # noqa: E402
 
 SECTION = "full_graph"
 SITE, KEY = "bench-site", "bench-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def timed_run(cmd: list[str], env: dict) -> tuple[float, int, str]:
@@ -88,12 +78,17 @@ def per_record_client(url: str, conn, sample_people: int, sample_events: int) ->
                           "WHERE cio_identifier_type = 'id' LIMIT %s", (sample_events,)).fetchall()
     client = customerio.CustomerIO(SITE, KEY, host="127.0.0.1", port=443)
     client.base_url = f"{url}/api/v1"  # the client only speaks https; the emulator listens on http
+    before = httpx.get(f"{url}/_emulator/stats").json()["requests"]
     t = time.perf_counter()
     for key, email, first_name, created_at in people:
         client.identify(id=key, email=email, first_name=first_name, created_at=created_at)
     for cio_id, name, props, stamp, event_id in events:
         client.track(customer_id=cio_id, name=name, data=props, timestamp=stamp, id=event_id)
-    return len(people) + len(events), time.perf_counter() - t
+    seconds = time.perf_counter() - t
+    counted = httpx.get(f"{url}/_emulator/stats").json()["requests"] - before
+    if counted != len(people) + len(events):
+        raise SystemExit(f"the emulator counted {counted} requests from the client, expected {len(people) + len(events)}")
+    return len(people) + len(events), seconds
 
 
 def copy_floor(conn) -> tuple[int, float]:
@@ -115,83 +110,57 @@ def main() -> int:
     parser.add_argument("--sample", type=int, default=3000, help="ops sent one by one with the official client")
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="pg2cio-full-", dir="/var/tmp" if os.geteuid() == 0 else None))
-    os.chmod(work, 0o755)
-    port = free_port()
-    emu = subprocess.Popen([sys.executable, "-m", "pg2cio_assets.cli", "emulator", "--port", str(port),
-                            "--site-id", SITE, "--api-key", KEY], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        with EmbeddedPostgres(work / "pgdata", durable=True) as pg:
-            with psycopg.connect(pg.url(), autocommit=True) as conn:
-                conn.execute("CREATE DATABASE store")
-                conn.execute("CREATE DATABASE dagster")
-            home = work / "dagster_home"
-            home.mkdir()
-            shutil.copyfile(ROOT / "dagster.yaml", home / "dagster.yaml")
-            today = datetime.now(timezone.utc).date()
-            first = (today - timedelta(days=29)).isoformat()
-            env = dict(os.environ, PG2CIO_SOURCE_URL=pg.url("store"), PG2CIO_DAGSTER_URL=pg.url("dagster"),
-                       DAGSTER_HOME=str(home), PG2CIO_PARTITION_START=first, CUSTOMERIO_TRACK_URL=url,
-                       CUSTOMERIO_SITE_ID=SITE, CUSTOMERIO_API_KEY=KEY)
-            for k in ("PG2CIO_STATE_URL", "PG2CIO_DRY_RUN"):
-                env.pop(k, None)
-            cli = [sys.executable, "-m", "pg2cio_assets.cli"]
-            t = time.perf_counter()
-            subprocess.run(cli + ["seed", "--customers", str(args.customers)], env=env, check=True, capture_output=True)
-            seed_s = time.perf_counter() - t
-            print(f"seeded {args.customers:,} customers in {seed_s:.0f} s", flush=True)
-            for _ in range(50):
-                try:
-                    httpx.get(f"{url}/_emulator/stats", timeout=1)
-                    break
-                except httpx.HTTPError:
-                    time.sleep(0.2)
-            with psycopg.connect(pg.url("store")) as conn:
-                source_rows = sum(conn.execute(sql.SQL("SELECT count(*) FROM {}").format(
-                    sql.Identifier("commerce", r.name))).fetchone()[0] for r in contract.SOURCE_RELATIONS)
-                orders = conn.execute("SELECT count(*) FROM commerce.orders").fetchone()[0]
-            run = cli + ["run", "--start", first, "--end", today.isoformat()]
+    today = datetime.now(timezone.utc).date()
+    first = (today - timedelta(days=29)).isoformat()
+    with emulator_process(SITE, KEY) as url, dagster_stack(
+            "pg2cio-full-", PG2CIO_PARTITION_START=first, CUSTOMERIO_TRACK_URL=url,
+            CUSTOMERIO_SITE_ID=SITE, CUSTOMERIO_API_KEY=KEY) as (pg, env, _work):
+        cli = CLI
+        t = time.perf_counter()
+        subprocess.run(cli + ["seed", "--customers", str(args.customers)], env=env, check=True, capture_output=True)
+        seed_s = time.perf_counter() - t
+        print(f"seeded {args.customers:,} customers in {seed_s:.0f} s", flush=True)
+        with psycopg.connect(pg.url("store")) as conn:
+            source_rows = sum(conn.execute(sql.SQL("SELECT count(*) FROM {}").format(
+                sql.Identifier("commerce", r.name))).fetchone()[0] for r in contract.SOURCE_RELATIONS)
+            orders = conn.execute("SELECT count(*) FROM commerce.orders").fetchone()[0]
+        run = cli + ["run", "--start", first, "--end", today.isoformat()]
 
-            mark = datetime.now(timezone.utc)
-            wall1, peak1, out1 = timed_run(run + ["--backfill"], env)
-            print(f"full graph: {wall1:.0f} s, peak {peak1:,} MiB", flush=True)
-            with psycopg.connect(pg.url("store")) as conn:
-                req1, bytes1, avg1 = requests_since(conn, mark)
-                ev_ops, ev_s = events_rate(conn, mark)
-                accepted, suppressed = conn.execute(
-                    "SELECT count(*) FILTER (WHERE status = 'accepted'), count(*) FILTER (WHERE status = 'suppressed') "
-                    "FROM pg2cio.cio_event_ledger").fetchone()
-                identified = conn.execute("SELECT count(DISTINCT person_key) FROM pg2cio.cio_attribute_ledger").fetchone()[0]
-                sync_s = conn.execute("SELECT extract(epoch FROM max(sent_at) - min(sent_at))::float8 FROM pg2cio.cio_requests "
-                                      "WHERE sent_at > %s", (mark,)).fetchone()[0] or 0.0
+        mark = datetime.now(timezone.utc)
+        wall1, peak1, out1 = timed_run(run + ["--backfill"], env)
+        print(f"full graph: {wall1:.0f} s, peak {peak1:,} MiB", flush=True)
+        with psycopg.connect(pg.url("store")) as conn:
+            req1, bytes1, avg1 = requests_since(conn, mark)
+            ev_ops, ev_s = events_rate(conn, mark)
+            accepted, suppressed = conn.execute(
+                "SELECT count(*) FILTER (WHERE status = 'accepted'), count(*) FILTER (WHERE status = 'suppressed') "
+                "FROM pg2cio.cio_event_ledger").fetchone()
+            identified = conn.execute("SELECT count(DISTINCT person_key) FROM pg2cio.cio_attribute_ledger").fetchone()[0]
+            sync_s = conn.execute("SELECT extract(epoch FROM max(sent_at) - min(sent_at))::float8 FROM pg2cio.cio_requests "
+                                  "WHERE sent_at > %s", (mark,)).fetchone()[0] or 0.0
 
-            mark = datetime.now(timezone.utc)
-            wall2, peak2, _ = timed_run(run + ["--backfill"], env)
-            with psycopg.connect(pg.url("store")) as conn:
-                req2, bytes2, _ = requests_since(conn, mark)
-            print(f"rerun: {wall2:.0f} s, {req2} requests", flush=True)
+        mark = datetime.now(timezone.utc)
+        wall2, peak2, _ = timed_run(run + ["--backfill"], env)
+        with psycopg.connect(pg.url("store")) as conn:
+            req2, bytes2, _ = requests_since(conn, mark)
+        print(f"rerun: {wall2:.0f} s, {req2} requests", flush=True)
 
-            changed = args.customers // 100
-            with psycopg.connect(pg.url("store"), autocommit=True) as conn:
-                conn.execute("UPDATE commerce.customers SET first_name = first_name || ' Jr', updated_at = now() "
-                             "WHERE customer_id IN (SELECT customer_id FROM commerce.customers WHERE deleted_at IS NULL "
-                             "ORDER BY customer_id LIMIT %s)", (changed,))
-            mark = datetime.now(timezone.utc)
-            wall3, peak3, _ = timed_run(cli + ["run", "--start", today.isoformat(), "--end", today.isoformat()], env)
-            with psycopg.connect(pg.url("store")) as conn:
-                req3, bytes3, _ = requests_since(conn, mark)
-            print(f"1% changed: {wall3:.0f} s, {req3} requests, {bytes3:,} bytes", flush=True)
+        changed = args.customers // 100
+        with psycopg.connect(pg.url("store"), autocommit=True) as conn:
+            conn.execute("UPDATE commerce.customers SET first_name = first_name || ' Jr', updated_at = now() "
+                         "WHERE customer_id IN (SELECT customer_id FROM commerce.customers WHERE deleted_at IS NULL "
+                         "ORDER BY customer_id LIMIT %s)", (changed,))
+        mark = datetime.now(timezone.utc)
+        wall3, peak3, _ = timed_run(cli + ["run", "--start", today.isoformat(), "--end", today.isoformat()], env)
+        with psycopg.connect(pg.url("store")) as conn:
+            req3, bytes3, _ = requests_since(conn, mark)
+        print(f"1% changed: {wall3:.0f} s, {req3} requests, {bytes3:,} bytes", flush=True)
 
-            with psycopg.connect(pg.url("store")) as conn:
-                sample_people = max(1, args.sample // 6)
-                ops_sample, client_s = per_record_client(url, conn, sample_people, args.sample - sample_people)
-                floor_bytes, floor_s = copy_floor(conn)
-            print(f"per-record client: {ops_sample} requests in {client_s:.1f} s; COPY floor {floor_s:.1f} s", flush=True)
-    finally:
-        emu.terminate()
-        emu.wait(timeout=30)
-        shutil.rmtree(work, ignore_errors=True)
+        with psycopg.connect(pg.url("store")) as conn:
+            sample_people = max(1, args.sample // 6)
+            ops_sample, client_s = per_record_client(url, conn, sample_people, args.sample - sample_people)
+            floor_bytes, floor_s = copy_floor(conn)
+        print(f"per-record client: {ops_sample} requests in {client_s:.1f} s; COPY floor {floor_s:.1f} s", flush=True)
 
     total_ops = ev_ops + identified  # what one-request-per-record would send for run 1 (events and identifies)
     per_op = client_s / ops_sample

@@ -15,12 +15,9 @@ ledger) and to the emulator's receipt: p50 / p95 / max.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -33,7 +30,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from seed_store import machine, write_section  # noqa: E402
 
 from pg2cio_assets.cio_emulator import CustomerIOEmulator  # noqa: E402
-from pg2cio_assets.pgembed import EmbeddedPostgres  # noqa: E402
+from stack import CLI, dagster_stack  # noqa: E402
 
 SECTION = "latency"
 SITE, KEY = "bench-site", "bench-key"
@@ -73,25 +70,13 @@ def main() -> int:
     parser.add_argument("--every", type=float, default=6, help="seconds between two checkouts")
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="pg2cio-latency-", dir="/var/tmp" if os.geteuid() == 0 else None))
-    os.chmod(work, 0o755)
     daemon = None
     emu = CustomerIOEmulator(site_id=SITE, api_key=KEY).start()
+    first_day = (datetime.now(timezone.utc) - timedelta(days=29)).date().isoformat()
     try:
-        with EmbeddedPostgres(work / "pgdata", durable=True) as pg:
-            with psycopg.connect(pg.url(), autocommit=True) as conn:
-                conn.execute("CREATE DATABASE store")
-                conn.execute("CREATE DATABASE dagster")
-            home = work / "dagster_home"
-            home.mkdir()
-            shutil.copyfile(ROOT / "dagster.yaml", home / "dagster.yaml")
-            first_day = (datetime.now(timezone.utc) - timedelta(days=29)).date().isoformat()
-            env = dict(os.environ, PG2CIO_SOURCE_URL=pg.url("store"), PG2CIO_DAGSTER_URL=pg.url("dagster"),
-                       DAGSTER_HOME=str(home), PG2CIO_PARTITION_START=first_day, CUSTOMERIO_TRACK_URL=emu.url,
-                       CUSTOMERIO_SITE_ID=SITE, CUSTOMERIO_API_KEY=KEY)
-            for k in ("PG2CIO_STATE_URL", "PG2CIO_DRY_RUN"):
-                env.pop(k, None)
-            cli = [sys.executable, "-m", "pg2cio_assets.cli"]
+        with dagster_stack("pg2cio-latency-", PG2CIO_PARTITION_START=first_day, CUSTOMERIO_TRACK_URL=emu.url,
+                           CUSTOMERIO_SITE_ID=SITE, CUSTOMERIO_API_KEY=KEY) as (pg, env, work):
+            cli = CLI
             subprocess.run(cli + ["seed", "--customers", str(args.customers)], env=env, check=True, capture_output=True)
             t = time.perf_counter()
             subprocess.run(cli + ["materialize", "--days", "30", "--backfill"], env=env, check=True, capture_output=True)
@@ -154,7 +139,6 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 daemon.kill()
         emu.stop()
-        shutil.rmtree(work, ignore_errors=True)
 
     wanted = [r for r in rows if (r[0], r[1]) in expected]
     missing = len(expected) - len({(r[0], r[1]) for r in wanted})

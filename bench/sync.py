@@ -10,8 +10,6 @@ requests of an immediate rerun (target zero) and of a run after 1% of customers 
 from __future__ import annotations
 
 import argparse
-import socket
-import subprocess
 import sys
 import time
 import uuid
@@ -25,6 +23,7 @@ from psycopg import sql
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from seed_store import machine, write_section  # noqa: E402
+from stack import emulator_process  # noqa: E402
 
 import dagster as dg  # noqa: E402
 
@@ -41,12 +40,6 @@ from pg2cio_assets.seed import generate_store, load_store  # noqa: E402
 
 AS_OF = datetime(2026, 12, 1, tzinfo=timezone.utc)
 EARLY, LATE = datetime(1, 1, 1, tzinfo=timezone.utc), AS_OF + timedelta(days=1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def prepare(url: str, src: str, state: str, rows_changed_at: datetime | None = None) -> float:
@@ -79,17 +72,7 @@ def main() -> int:
     parser.add_argument("--no-change", dest="change", action="store_false",
                         help="skip the 1%% change phase (it repeats the whole preparation)")
     args = parser.parse_args()
-    port = free_port()
-    emu = subprocess.Popen([sys.executable, "-m", "pg2cio_assets.cli", "emulator", "--port", str(port),
-                            "--site-id", "bench", "--api-key", "bench"], stdout=subprocess.DEVNULL)
-    emu_url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(100):
-            try:
-                httpx.get(f"{emu_url}/_emulator/stats", timeout=1)
-                break
-            except httpx.TransportError:
-                time.sleep(0.1)
+    with emulator_process("bench", "bench") as emu_url:
         with EmbeddedPostgres() as pg:
             url = pg.url()
             src, state = f"b_src_{uuid.uuid4().hex[:6]}", f"b_state_{uuid.uuid4().hex[:6]}"
@@ -104,9 +87,6 @@ def main() -> int:
             if args.change:
                 people3, events3, change_s, changed = change_one_percent(url, src, state, emu_url, args.customers)
             stats = httpx.get(f"{emu_url}/_emulator/stats").json()
-    finally:
-        emu.terminate()
-        emu.wait(timeout=30)
     return report(args, prep, people, events, first_s, people2, events2, rerun_s, people3, events3, change_s, changed, stats)
 
 

@@ -11,14 +11,13 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import psycopg
 import pytest
-from psycopg import sql
 
 from pg2cio_assets.definitions import defs
 
@@ -28,13 +27,56 @@ sync_api = pytest.importorskip(
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("PG2CIO_TEST_ARTIFACTS") or Path(__file__).resolve().parent / "artifacts")
-# The asset's upstream syncs never ran on the fresh instance, so this one asset has no partitions
-# to pick and succeeds on an empty state schema (it creates its ledger tables).
+# Unpartitioned, so a click launches it with nothing to choose, and it succeeds on an empty state
+# schema (it creates its ledger tables).
 ASSET = "delivery_report"
 
 
-def test_the_ui_shows_every_asset_and_materializes_one_from_a_click(chromium, webserver, dagster_database):
+def test_the_ui_shows_every_asset_and_materializes_one_from_a_click(chromium, webserver, dagster_database, capsys):
     expected = _assets_by_group()
+    shots: list[Path] = []
+    with _browser_page(chromium, shots) as page:
+        page.goto(f"{webserver}/asset-groups")
+        # The code location may still be loading when the page opens, hence the long first wait.
+        _expect_groups_in_graph(page, expected, timeout=120_000)
+        rows = _open_every_group_in_the_tree(page, expected)
+        # Selecting a group pans the graph to it; a reload fits the whole graph again and keeps
+        # the tree open, for a screenshot that shows it all.
+        page.reload()
+        _expect_groups_in_graph(page, expected)
+        sync_api.expect(_tree_rows(page)).to_have_count(rows)
+        assert _assets_in_the_tree(page) == expected
+        shots.append(_screenshot(page, "ui-asset-graph.png"))
+
+        page.goto(f"{webserver}/assets/{ASSET}")
+        page.get_by_role("button").filter(has_text=re.compile(r"^Materialize$")).click()
+        # Dagster warns that the upstream assets were never materialized and asks to go on.
+        page.get_by_role("button", name="Confirm", exact=True).click()
+        toast = page.get_by_role("region", name=re.compile("^Notifications"))
+        sync_api.expect(toast.get_by_text(re.compile(r"^Launched run [0-9a-f]{8}$"))).to_be_visible()
+        toast.get_by_role("link", name="View", exact=True).click()
+        page.wait_for_url(re.compile(r"/runs/[0-9a-f-]{36}"))
+        run_id = re.search(r"/runs/([0-9a-f-]{36})", page.url).group(1)
+
+        # The run page follows the run live: queued, starting, started, then an end state.
+        status = page.get_by_text(re.compile(r"^(Success|Failure|Canceled)$")).first
+        sync_api.expect(status).to_be_visible(timeout=180_000)
+        ended = status.inner_text()
+        if ended == "Success":
+            sync_api.expect(page.get_by_text("RUN_SUCCESS", exact=True)).to_be_visible()
+        shots.append(_screenshot(page, f"ui-run-{ended.lower()}.png"))
+        assert ended == "Success", f"run {run_id} ended {ended}: see its screenshot and the dagster dev output"
+
+    with psycopg.connect(dagster_database) as conn:
+        row = conn.execute("SELECT status FROM runs WHERE run_id = %s", (run_id,)).fetchone()
+    assert row == ("SUCCESS",), f"the instance recorded run {run_id} as {row}"
+    with capsys.disabled():  # shown even when the test passes: CI collects these files
+        print("".join(f"\nscreenshot: {path}" for path in shots))
+
+
+@contextmanager
+def _browser_page(chromium: str, shots: list[Path]):
+    """A page in headless Chromium; if the test fails while it is open, a screenshot of it."""
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=chromium, headless=True,
@@ -47,42 +89,18 @@ def test_the_ui_shows_every_asset_and_materializes_one_from_a_click(chromium, we
             # A fresh instance invites the first visitor to join the Dagster community, in a
             # dialog over whichever page comes first; dismiss it whenever it is in the way.
             page.add_locator_handler(page.get_by_role("button", name="Skip", exact=True), lambda b: b.click())
-
-            page.goto(f"{webserver}/asset-groups")
-            # The graph opens with every group collapsed to one node; the code location may still
-            # be loading when the page does, hence the long first wait.
-            for group in sorted(expected):
-                sync_api.expect(page.locator("svg").get_by_text(group, exact=True)).to_be_visible(timeout=120_000)
-            assert _graph_sidebar(page, sorted(expected)) == expected
-            _screenshot(page, "ui-asset-graph.png")
-
-            page.goto(f"{webserver}/assets/{ASSET}")
-            page.get_by_role("button").filter(has_text=re.compile(r"^Materialize$")).click()
-            # Dagster warns that the upstream assets were never materialized and asks to go on.
-            page.get_by_role("button", name="Confirm", exact=True).click()
-            sync_api.expect(page.get_by_text(re.compile(r"^Launched run [0-9a-f]{8}$"))).to_be_visible()
-            print("TOAST", page.get_by_role("region").evaluate_all("es=>es.map(e=>e.outerHTML)"))
-            page.get_by_role("button", name="View", exact=True).click()
-            page.wait_for_url(re.compile(r"/runs/[0-9a-f-]{36}"))
-            run_id = re.search(r"/runs/([0-9a-f-]{36})", page.url).group(1)
-
-            # The run page follows the run live: queued, started, then one of the end states.
-            status = page.get_by_text(re.compile(r"^(Success|Failure|Canceled)$")).first
-            sync_api.expect(status).to_be_visible(timeout=180_000)
-            sync_api.expect(page.get_by_text("RUN_SUCCESS", exact=True)).to_be_visible()
-            _screenshot(page, "ui-run-success.png")
-            assert status.inner_text() == "Success", f"run {run_id} ended {status.inner_text()}"
+            try:
+                yield page
+            except BaseException:
+                print(f"screenshot: {_screenshot(page, 'ui-failure.png')}")
+                raise
         finally:
             browser.close()
 
-    with psycopg.connect(dagster_database) as conn:
-        row = conn.execute("SELECT status FROM runs WHERE run_id = %s", (run_id,)).fetchone()
-    assert row == ("SUCCESS",), f"the instance recorded run {run_id} as {row}"
-
 
 def _assets_by_group() -> dict[str, list[str]]:
-    """Every asset of the code location, by group, named as the graph's sidebar names them (the
-    last part of the key: `commerce/customers` is `customers` under `source`)."""
+    """Every asset of the code location, by group, named as the graph's tree names them (the last
+    part of the key: `commerce/customers` is `customers` under `source`)."""
     graph = defs.resolve_asset_graph()
     groups: dict[str, list[str]] = defaultdict(list)
     for key in graph.get_all_asset_keys():
@@ -90,38 +108,53 @@ def _assets_by_group() -> dict[str, list[str]]:
     return {group: sorted(names) for group, names in groups.items()}
 
 
-def _graph_sidebar(page, groups: list[str]) -> dict[str, list[str]]:
-    """Open every group in the lineage page's tree and read it back as {group: [asset, ...]}."""
-    # Each row's label is a button holding an icon and the full name in `title`; the icon tells a
-    # group (asset_group) from an asset, and rows come in tree order, each group before its assets.
-    rows = page.locator("button > [title]")
-    for group in groups:
+def _expect_groups_in_graph(page, expected: dict[str, list[str]], timeout: float = 30_000) -> None:
+    """The graph opens with every group collapsed to one node, named after it."""
+    for group in sorted(expected):
+        sync_api.expect(page.locator("svg").get_by_text(group, exact=True)).to_be_visible(timeout=timeout)
+
+
+def _tree_rows(page):
+    # Each row of the graph's tree is a button holding an icon and the full name in `title`.
+    return page.locator("button > [title]")
+
+
+def _open_every_group_in_the_tree(page, expected: dict[str, list[str]]) -> int:
+    """Expand every group of the tree beside the graph; returns how many rows it then has."""
+    rows = _tree_rows(page)
+    for group in sorted(expected):
         label = (page.get_by_role("button")
                  .filter(has=page.get_by_role("img", name="asset_group", exact=True))
                  .filter(has=page.locator(f'[title="{group}"]')))
         label.click()
         before = rows.count()
-        page.keyboard.press("ArrowRight")  # the tree's keyboard shortcut to expand the focused group
+        page.keyboard.press("ArrowRight")  # the tree's keyboard shortcut to expand the selected group
         sync_api.expect(rows).not_to_have_count(before)
-    rows = rows.evaluate_all(
+    return rows.count()
+
+
+def _assets_in_the_tree(page) -> dict[str, list[str]]:
+    """The tree read back as {group: [asset, ...]}: rows come in tree order, each group before
+    its assets, and a group's row has the asset_group icon."""
+    rows = _tree_rows(page).evaluate_all(
         """els => els.map(e => [e.parentElement.querySelector('[aria-label="asset_group"]') !== null,
                               e.getAttribute('title')])"""
     )
     shown: dict[str, list[str]] = {}
-    current = None
+    current: list[str] = []
     for is_group, title in rows:
         if is_group:
             current = shown.setdefault(title, [])
-        elif current is not None:
+        else:
             current.append(title)
     return {group: sorted(names) for group, names in shown.items()}
 
 
-def _screenshot(page, name: str) -> None:
+def _screenshot(page, name: str) -> Path:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     path = ARTIFACTS / name
     page.screenshot(path=str(path))
-    print(f"screenshot: {path}")
+    return path
 
 
 @pytest.fixture
@@ -136,16 +169,6 @@ def chromium() -> str:
         if candidate and os.access(candidate, os.X_OK):
             return candidate
     pytest.skip("no Chromium: install Debian's `chromium` package (.ci/run does) or set PG2CIO_CHROMIUM")
-
-
-@pytest.fixture
-def dagster_database(pg_url):
-    name = f"t_dagster_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(pg_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    yield pg_url.rsplit("/", 1)[0] + "/" + name
-    with psycopg.connect(pg_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 @pytest.fixture

@@ -60,6 +60,19 @@ def requests_since(conn, mark) -> tuple[int, int, float]:
     return int(n), int(total), float(avg)
 
 
+def what_went(conn, mark) -> str:
+    """What the requests since `mark` carried: events a backfill held that passed the 72-hour line
+    (released), and attribute values by name."""
+    released = conn.execute("SELECT count(*) FROM pg2cio.cio_event_ledger WHERE path = 'released' AND status = 'accepted' "
+                            "AND updated_at > %s", (mark,)).fetchone()[0]
+    attrs = conn.execute("SELECT attribute, count(*) FROM pg2cio.cio_attribute_ledger WHERE accepted_at > %s "
+                         "AND attribute <> '_timestamp' GROUP BY 1 ORDER BY 2 DESC, 1", (mark,)).fetchall()
+    parts = [f"{released:,} held events released (they passed the 72-hour line during the run)"] if released else []
+    if attrs:
+        parts.append("attribute values: " + ", ".join(f"{a} x{n:,}" for a, n in attrs[:6]))
+    return "; ".join(parts) or "nothing"
+
+
 def events_rate(conn, mark) -> tuple[int, float]:
     ops, first, last = conn.execute(
         "SELECT coalesce(sum(ops), 0), min(sent_at), max(sent_at) FROM pg2cio.cio_requests "
@@ -143,6 +156,7 @@ def main() -> int:
         wall2, peak2, _ = timed_run(run + ["--backfill"], env)
         with psycopg.connect(pg.url("store")) as conn:
             req2, bytes2, _ = requests_since(conn, mark)
+            why2 = what_went(conn, mark)
         print(f"rerun: {wall2:.0f} s, {req2} requests", flush=True)
 
         changed = args.customers // 100
@@ -154,6 +168,7 @@ def main() -> int:
         wall3, peak3, _ = timed_run(cli + ["run", "--start", today.isoformat(), "--end", today.isoformat()], env)
         with psycopg.connect(pg.url("store")) as conn:
             req3, bytes3, _ = requests_since(conn, mark)
+            why3 = what_went(conn, mark)
         print(f"1% changed: {wall3:.0f} s, {req3} requests, {bytes3:,} bytes", flush=True)
 
         with psycopg.connect(pg.url("store")) as conn:
@@ -178,8 +193,8 @@ def main() -> int:
 | 1. events through the events sync | **{ev_ops / ev_s if ev_s else 0:,.0f} events/s** ({ev_ops:,} events in {ev_s:,.0f} s) | 10,000/s |
 | 1. requests / mean batch | {req1:,} requests, {bytes1 / 2**20:,.0f} MiB; mean **{avg1 / 1024:,.0f} KB** (**{fill:.0%}** of 500 KB) | fill 80% |
 | 1. outcome | {accepted:,} events accepted, {suppressed:,} held (stamped within 72 h: a first load is a backfill), {identified:,} people identified | |
-| 2. immediate rerun, no source change | **{req2} requests**, {bytes2:,} bytes ({wall2:,.0f} s) | 0 |
-| 3. {changed:,} customers (1%) changed, today's partition | **{req3} request(s)**, {bytes3:,} bytes ({wall3:,.0f} s, peak {peak3:,} MiB) | proportional |
+| 2. immediate rerun, no source change | **{req2} requests**, {bytes2:,} bytes ({wall2:,.0f} s); they carried: {why2} | 0 |
+| 3. {changed:,} customers (1%) changed (first name), today's partition | **{req3} request(s)**, {bytes3:,} bytes ({wall3:,.0f} s, peak {peak3:,} MiB); they carried: {why3} | proportional |
 | 4. official `customerio` client, one request per record | {ops_sample:,} requests in {client_s:.1f} s ({ops_sample / client_s:,.0f}/s) -> {total_ops:,} records: **{total_ops:,} requests** (**{total_ops / max(req1, 1):,.0f}x** pg2cio's), **{client_total / 60:,.0f} min** against the emulator (**{client_total / max(sync_s, 1):,.1f}x** pg2cio's {sync_s / 60:,.1f} min of sending), {client_at_limit / 3600:,.1f} h at Customer.io's ~100 requests/s | 100x fewer requests, 20x less time |
 | 5. read floor: `COPY` of the contract columns to nowhere | {floor_s:,.1f} s ({floor_bytes / 2**20:,.0f} MiB); pg2cio's full graph is **{wall1 / floor_s:,.0f}x** it | |
 

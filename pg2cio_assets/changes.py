@@ -79,39 +79,65 @@ class Batch:
         return sorted(days)
 
 
+POLL_LIMIT = 100_000  # rows per relation per poll: a sensor off for days catches up over several ticks
+
+
 def _key_sql(rel: contract.Relation) -> sql.Composable:
+    # A JSON array keeps NULLs and separators apart: ('a', NULL, 'b') and ('a', 'b', NULL) differ.
     cols = rel.primary_key or rel.column_names
-    return sql.SQL("concat_ws('|', {})").format(sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c)) for c in cols))
+    return sql.SQL("json_build_array({})::text").format(sql.SQL(", ").join(map(sql.Identifier, cols)))
 
 
-def changes_query(relation: str, schema: str) -> sql.Composed:
+def changes_query(relation: str, schema: str, ahead: bool) -> sql.Composed:
+    """The relation's changed rows: within the overlap, [%(since)s, %(high)s], all of them (late
+    commits land there); or ahead of the cursor, > %(high)s, the first %(limit)s."""
     rel = contract.relation(relation)
     times = [c for c in contract.event_timestamp_columns(relation) if c != rel.partition_column]
-    return sql.SQL("SELECT {key}, {col}{times} FROM {table} WHERE {col} >= %(since)s ORDER BY {col}").format(
+    where = ("{col} > %(high)s ORDER BY {col} LIMIT %(limit)s" if ahead
+             else "{col} >= %(since)s AND {col} <= %(high)s")
+    return sql.SQL("SELECT {key}, {col}{times} FROM {table} WHERE " + where).format(
         key=_key_sql(rel), col=sql.Identifier(rel.partition_column), table=sql.Identifier(schema, relation),
         times=sql.SQL("").join(sql.SQL(", {}").format(sql.Identifier(c)) for c in times),
     )
 
 
+@dataclass
+class Poll:
+    changes: list[Change]
+    # When a relation had more than `limit` rows ahead of the cursor, the changed_at it stopped
+    # at: the cursor goes no further this tick, and the next one reads on from there.
+    stopped_at: datetime | None = None
+
+
 def poll(conn: psycopg.Connection, schema: str, cursor: Cursor, *, now: datetime, overlap: timedelta,
-         relations: tuple[str, ...] = contract.CHANGE_FEEDS) -> list[Change]:
-    """Every watched row changed at or after `cursor.high - overlap` (first poll: `now - overlap`)."""
-    since = (cursor.high or now) - overlap
+         relations: tuple[str, ...] = contract.CHANGE_FEEDS, limit: int = POLL_LIMIT) -> Poll:
+    """Every watched row changed at or after `cursor.high - overlap` (first poll: `now - overlap`):
+    the overlap in full, and at most `limit` rows per relation beyond the cursor."""
+    params = {"since": (cursor.high or now) - overlap, "high": cursor.high or (now - overlap - timedelta(microseconds=1)),
+              "limit": limit}
     found: list[Change] = []
+    stopped: list[datetime] = []
     with conn.transaction():
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         for relation in relations:
-            for key, changed_at, *times in conn.execute(changes_query(relation, schema), {"since": since}):
+            rows = conn.execute(changes_query(relation, schema, ahead=False), params).fetchall() if cursor.high else []
+            ahead = conn.execute(changes_query(relation, schema, ahead=True), params).fetchall()
+            for key, changed_at, *times in rows + ahead:
                 found.append(Change(relation, key, changed_at, tuple(t for t in times if t is not None) + (changed_at,)))
-    return found
+            if len(ahead) == limit:
+                stopped.append(ahead[-1][1])
+    return Poll(found, min(stopped) if stopped else None)
 
 
-def plan(changes: list[Change], cursor: Cursor, *, now: datetime, overlap: timedelta) -> Batch:
+def plan(changes: list[Change], cursor: Cursor, *, now: datetime, overlap: timedelta,
+         stopped_at: datetime | None = None) -> Batch:
     """Which of `changes` are new, and the cursor after handing them to a run."""
     new = [c for c in changes if c.digest not in cursor.seen]
     high = cursor.high
     if changes:
         top = min(max(c.changed_at for c in changes), now)  # a row stamped in the future never drags the cursor there
+        if stopped_at is not None:
+            top = min(top, stopped_at)
         high = top if high is None or top > high else high
     floor = ((high or now) - overlap).timestamp()
     seen = {d: t for d, t in cursor.seen.items() if t >= floor}

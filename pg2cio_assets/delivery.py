@@ -22,16 +22,15 @@ from psycopg.types.json import Jsonb
 from pg2cio_assets import sync
 from pg2cio_assets.customerio import MAX_REQUEST_BYTES, TRIGGER_WINDOW_HOURS, TrackClient, encode, op_problem, pack_batches
 from pg2cio_assets.suppression import SEND, SUPPRESS, Suppression, classify, trigger_cutoff
-from pg2cio_assets.state import read_frame
+from pg2cio_assets.state import add_missing_columns, read_frame
 
 LEDGER_DDL = """
 CREATE SCHEMA IF NOT EXISTS {schema};
 CREATE TABLE IF NOT EXISTS {events} (
     event_id text PRIMARY KEY, name text NOT NULL, person_key text NOT NULL, status text NOT NULL,
-    reason text, op_bytes integer, occurred_at timestamptz, updated_at timestamptz NOT NULL, run_id text
+    reason text, op_bytes integer, occurred_at timestamptz, updated_at timestamptz NOT NULL, run_id text,
+    source_changed_at timestamptz, path text
 );
-ALTER TABLE {events} ADD COLUMN IF NOT EXISTS source_changed_at timestamptz;
-ALTER TABLE {events} ADD COLUMN IF NOT EXISTS path text;
 CREATE INDEX IF NOT EXISTS cio_event_ledger_status ON {events} (status) WHERE status IN ('suppressed', 'skipped');
 CREATE TABLE IF NOT EXISTS {attributes} (
     person_key text NOT NULL, attribute text NOT NULL, value jsonb NOT NULL, accepted_at timestamptz NOT NULL,
@@ -69,6 +68,9 @@ def tables(schema: str) -> dict[str, sql.Identifier]:
 def ensure_ledger(conn: psycopg.Connection, schema: str) -> None:
     with conn.transaction():
         conn.execute(sql.SQL(LEDGER_DDL).format(schema=sql.Identifier(schema), **tables(schema)))
+    # Ledgers from earlier releases gain their new columns; ALTER TABLE locks the table even
+    # when the column exists, so it only runs when one is missing.
+    add_missing_columns(conn, schema, LEDGER_TABLES["events"], {"source_changed_at": "timestamptz", "path": "text"})
 
 
 @dataclass
@@ -263,7 +265,7 @@ def _events_query(schema: str, t: dict, released: bool) -> sql.Composed:
         if released else
         "e.occurred_at >= %(start)s AND e.occurred_at < %(end)s "
         "AND (l.status IS NULL OR l.status NOT IN ('accepted', 'rejected', 'quarantined')) "
-        "AND (l.status IS DISTINCT FROM 'suppressed' OR e.timestamp < %(cutoff)s)"
+        "AND (l.status IS NULL OR l.status NOT IN ('suppressed', 'skipped') OR e.timestamp < %(cutoff)s)"
     )
     return sql.SQL(
         """
@@ -387,8 +389,14 @@ def _record_events(conn: psycopg.Connection, t: dict, records: list[tuple]) -> N
         with cur.copy(sql.SQL("COPY pg2cio_ledger_in ({}) FROM STDIN").format(cols)) as copy:
             for record in records:
                 copy.write_row(record)
-        cur.execute(sql.SQL("INSERT INTO {ledger} ({cols}) SELECT {cols} FROM pg2cio_ledger_in "
-                            "ON CONFLICT (event_id) DO UPDATE SET {updates}").format(ledger=t["events"], cols=cols, updates=updates))
+        # A final outcome is never overwritten (two syncs overlapping, say), and a hold survives a
+        # dry run or an attributes_only backfill, so the released scope still finds it.
+        cur.execute(sql.SQL(
+            "INSERT INTO {ledger} AS l ({cols}) SELECT {cols} FROM pg2cio_ledger_in "
+            "ON CONFLICT (event_id) DO UPDATE SET {updates} "
+            "WHERE l.status NOT IN ('accepted', 'rejected', 'quarantined') "
+            "AND NOT (l.status = 'suppressed' AND EXCLUDED.status IN ('would_send', 'skipped'))"
+        ).format(ledger=t["events"], cols=cols, updates=updates))
         cur.execute("TRUNCATE pg2cio_ledger_in")
 
 

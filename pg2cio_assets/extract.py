@@ -203,6 +203,9 @@ def extract_window(
 
             source_count = source.execute(window_count_query(rel, source_schema), params).fetchone()[0]
 
+            # Two runs replacing overlapping windows of this table (the nightly refresh and the
+            # sensor's) take turns, so neither sees the other's rows half-way.
+            scur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"pg2cio extract {state_schema}.{rel.name}",))
             # Rows this window supersedes: the window itself, plus older copies of the same rows
             # (a parent that changed moved to a later day; its items move with it).
             scur.execute(

@@ -114,8 +114,12 @@ def build_changes_sensor(job, partitions: dg.TimeWindowPartitionsDefinition, cfg
         cursor = changes.Cursor.loads(context.cursor)
         now = datetime.now(timezone.utc)
         with source.connect() as conn:
-            found = changes.poll(conn, source.schema_name, cursor, now=now, overlap=overlap)
-        batch = changes.plan(found, cursor, now=now, overlap=overlap)
+            polled = changes.poll(conn, source.schema_name, cursor, now=now, overlap=overlap)
+        found = polled.changes
+        batch = changes.plan(found, cursor, now=now, overlap=overlap, stopped_at=polled.stopped_at)
+        if polled.stopped_at is not None:
+            context.log.info(f"catching up: read {changes.POLL_LIMIT:,} rows of a relation, up to "
+                             f"{polled.stopped_at.isoformat()}; the next tick reads on from there")
         context.update_cursor(batch.cursor.dumps())
         if not batch.new:
             return dg.SkipReason(f"no change since {cursor.high.isoformat() if cursor.high else 'the sensor started'} "

@@ -130,3 +130,17 @@ def unix_seconds(values: pd.Series) -> pd.Series:
     """Timestamps -> integer unix seconds (nullable Int64): what Customer.io needs for every *_at."""
     ts = pd.to_datetime(values, utc=True)
     return pd.Series(pd.array([None if pd.isna(t) else int(t.timestamp()) for t in ts], dtype="Int64"), index=values.index)
+
+
+def add_missing_columns(conn: psycopg.Connection, schema: str, table: str, columns: dict[str, str]) -> None:
+    """ALTER TABLE ... ADD COLUMN for those of `columns` (name -> SQL type, from the code, never
+    from configuration) the table lacks, in a short transaction of its own."""
+    have = {r[0] for r in conn.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_schema = %s AND table_name = %s", (schema, table))}
+    missing = {c: t for c, t in columns.items() if c not in have}
+    if not missing:
+        return
+    with conn.transaction():
+        for name, sql_type in missing.items():
+            conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} " + sql_type).format(
+                sql.Identifier(schema, table), sql.Identifier(name)))

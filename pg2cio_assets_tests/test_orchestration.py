@@ -148,6 +148,28 @@ def test_attributes_only_sends_no_event_but_every_person(db, emulator):
     assert len(emulator.people()) > 0
     assert set(ledger(db)["status"]) == {"skipped"}
     assert metadata(result, "customerio_events_sync")["skipped"].value == len(ledger(db))
+    # The sensor's next live run over the last days must not fire what was skipped.
+    started = datetime.now(timezone.utc)
+    assert run(db, emulator, day(2), day(0)).success
+    cutoff = int((started - TRIGGER_WINDOW).timestamp())
+    assert all(e["timestamp"] < cutoff + 60 for e in emulator.events())
+    assert set(ledger(db).query("timestamp >= @cutoff + 60")["status"]) == {"skipped"}
+
+
+def test_a_dry_run_never_turns_a_hold_into_something_a_live_run_would_send(db, emulator):
+    from pg2cio_assets import delivery
+    from pg2cio_assets.customerio import TrackClient
+
+    assert run(db, emulator, FIRST, day(0), tags={"dagster/backfill": "bf5"}).success
+    held = set(ledger(db).query("status == 'suppressed'")["event_id"])
+    later = NOW + TRIGGER_WINDOW + timedelta(hours=1)
+    with db.connect() as conn:
+        dry = delivery.sync_events(conn, None, db.state_schema, start=DAILY.start, end=DAILY.start, run_id="dry", now=later)
+    assert dry.outcomes.get("would_send") == len(held)
+    assert set(ledger(db).query("status == 'suppressed'")["event_id"]) == held, "still held after the dry run"
+    with db.connect() as conn, TrackClient(emulator.url, SITE, KEY) as client:
+        delivery.sync_events(conn, client, db.state_schema, start=DAILY.start, end=DAILY.start, run_id="real", now=later)
+    assert held <= {e["id"] for e in emulator.events()}
 
 
 def test_the_preview_counts_what_the_backfill_then_does(db, emulator):
@@ -240,6 +262,39 @@ def test_the_sensor_launches_one_run_per_change_batch_and_never_misses_a_late_co
     assert req.tags["pg2cio/changes"] == "carts=1, orders=1"
     assert tick(sensor, ctx) == []
     assert len(set(keys)) == len(keys) == 3
+
+
+def test_rows_without_a_key_that_differ_only_in_which_column_is_null_are_two_changes(seeded):
+    sensor, source = sensor_for(seeded)
+    ctx = dg.build_sensor_context(resources={"source": source})
+    tick(sensor, ctx)
+    now = datetime.now(timezone.utc)
+    with seeded.connect() as conn:
+        customer = conn.execute(sql.SQL("SELECT min(customer_id) FROM {}").format(
+            sql.Identifier(seeded.source_schema, "customers"))).fetchone()[0]
+        for old_email, new_email in ((None, "x@example.org"), ("x@example.org", None)):
+            conn.execute(sql.SQL("INSERT INTO {} (customer_id, old_email, new_email, changed_at) VALUES (%s, %s, %s, %s)").format(
+                sql.Identifier(seeded.source_schema, "customer_email_changes")), (customer, old_email, new_email, now))
+    (req,) = tick(sensor, ctx)
+    assert req.tags["pg2cio/changes"] == "customer_email_changes=2"
+
+
+def test_a_sensor_off_for_long_catches_up_over_several_ticks_without_losing_a_row(seeded):
+    sensor, source = sensor_for(seeded)
+    found = []
+    start = datetime.now(timezone.utc) - timedelta(minutes=4)
+    for i in range(5):
+        insert_cart(seeded, f"rt-bulk-{i}", start + timedelta(seconds=i))
+    cursor = changes.Cursor()
+    with source.connect() as conn:
+        for _ in range(6):
+            now = datetime.now(timezone.utc)
+            polled = changes.poll(conn, seeded.source_schema, cursor, now=now, overlap=timedelta(minutes=5),
+                                  relations=("carts",), limit=2)
+            batch = changes.plan(polled.changes, cursor, now=now, overlap=timedelta(minutes=5), stopped_at=polled.stopped_at)
+            found += [c.key for c in batch.new]
+            cursor = batch.cursor
+    assert sorted(found) == sorted(f'["rt-bulk-{i}"]' for i in range(5))
 
 
 def test_a_row_committed_later_than_the_overlap_is_left_to_the_nightly_refresh(seeded):

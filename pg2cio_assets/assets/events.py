@@ -9,7 +9,7 @@ from psycopg.types.json import Jsonb
 from pg2cio_assets import events as ev
 from pg2cio_assets.partitions import run_window, sql_bound
 from pg2cio_assets.resources import PostgresResource
-from pg2cio_assets.state import read_frame
+from pg2cio_assets.state import add_missing_columns, read_frame
 
 EVENT_INPUTS = ["carts", "cart_items", "orders", "order_items", "products", "refunds", "subscriptions",
                 "subscription_renewals"]
@@ -26,9 +26,8 @@ CREATE TABLE IF NOT EXISTS {events} (
     cio_identifier_type text NOT NULL, cio_identifier text NOT NULL,
     occurred_at timestamptz NOT NULL, timestamp bigint NOT NULL, properties jsonb NOT NULL,
     source_relation text NOT NULL, source_key text NOT NULL, data_bytes integer NOT NULL, use_case text NOT NULL,
-    _run_id text
+    _run_id text, source_changed_at timestamptz
 );
-ALTER TABLE {events} ADD COLUMN IF NOT EXISTS source_changed_at timestamptz;
 CREATE INDEX IF NOT EXISTS events_occurred_at ON {events} (occurred_at);
 CREATE INDEX IF NOT EXISTS events_person ON {events} (person_key);
 CREATE TABLE IF NOT EXISTS {quarantine} (
@@ -102,11 +101,15 @@ def build_events_asset(partitions: dg.PartitionsDefinition, enable: tuple[str, .
         with state.connect() as conn:
             people = read_frame(conn, sql.SQL("SELECT person_key, cio_identifier_type, cio_identifier FROM {}").format(
                 sql.Identifier(schema, "people")))
+            with conn.transaction():
+                conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+                conn.execute(sql.SQL(EVENTS_DDL).format(**names))
+            add_missing_columns(conn, schema, "events", {"source_changed_at": "timestamptz"})
             # One transaction: the window is replaced whole or not at all. Facts stream through a
             # server-side cursor in chunks, so memory is bounded by the chunk, not the window.
             with conn.transaction(), conn.cursor() as cur:
-                cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
-                cur.execute(sql.SQL(EVENTS_DDL).format(**names))
+                # Two runs rebuilding overlapping days (the nightly refresh and the sensor's) take turns.
+                cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"pg2cio events rebuild {schema}",))
                 for table in names.values():
                     cur.execute(sql.SQL("DELETE FROM {} WHERE occurred_at >= %(start)s AND occurred_at < %(end)s").format(table), params)
                 for spec in enabled:

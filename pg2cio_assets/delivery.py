@@ -422,6 +422,7 @@ def report_rows(conn: psycopg.Connection, schema: str) -> list[tuple[str, str, i
 
 
 # --- delivery latency: from the source row's change to Customer.io's acceptance -------------
+# These read a ledger that exists (ensure_ledger, or report_rows, has run on the connection).
 
 LIVE_PATHS = ("sensor", "run")  # backfills and released holds are late by design
 
@@ -439,7 +440,6 @@ class Latency:
 def latency_rows(conn: psycopg.Connection, schema: str, since: datetime | None = None) -> list[Latency]:
     """p50 / p95 / max seconds from source_changed_at to acceptance, per event name and path."""
     t = tables(schema)
-    ensure_ledger(conn, schema)
     rows = conn.execute(sql.SQL(
         """
         SELECT name, path, count(*), percentile_cont(0.5) WITHIN GROUP (ORDER BY s),
@@ -456,7 +456,6 @@ def latency_rows(conn: psycopg.Connection, schema: str, since: datetime | None =
 def use_case_latency(conn: psycopg.Connection, schema: str, names: list[str], since: datetime) -> Latency | None:
     """Latency of the live paths (sensor, run) over `names`, for events accepted since `since`."""
     t = tables(schema)
-    ensure_ledger(conn, schema)
     row = conn.execute(sql.SQL(
         """
         SELECT count(*), percentile_cont(0.5) WITHIN GROUP (ORDER BY s), percentile_cont(0.95) WITHIN GROUP (ORDER BY s), max(s)
@@ -475,7 +474,6 @@ def recovery_false_positives(conn: psycopg.Connection, schema: str, delay_minute
     an order_paid paid before the journey's first message (checkout + delay) that Customer.io
     learnt of only after it (or not yet): the shoppers who get a "you forgot something" after buying."""
     t = tables(schema)
-    ensure_ledger(conn, schema)
     empty = {"checkouts_that_could_trigger": 0, "paid_before_first_message_but_known_after": 0,
              "first_message_after_minutes": delay_minutes}
     if not conn.execute("SELECT 1 FROM information_schema.tables WHERE table_schema = %s AND table_name = 'events'",

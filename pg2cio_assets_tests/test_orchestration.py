@@ -410,6 +410,6 @@ def test_the_nightly_refresh_rebuilds_the_last_days_and_every_unpartitioned_asse
     from pg2cio_assets.definitions import defs
 
     job = defs.resolve_job_def("nightly_refresh")
-    selected = {k.to_user_string() for k in job.asset_layer.executable_asset_keys} if hasattr(job, "asset_layer") else set()
+    selected = {k.to_user_string() for k in job.asset_layer.executable_asset_keys}
     assert {"person_attributes", "customerio_people_sync", "events"} <= selected
     assert defs.resolve_job_def(NEAR_REAL_TIME_JOB).executor_def.name == "in_process"
